@@ -1,0 +1,80 @@
+"""Typed errors. Every error a user can cause or see has a class here with a one-line message.
+
+`code` is a stable machine-readable identifier (used by the CLI exit path, the engine and the page).
+"""
+
+from __future__ import annotations
+
+
+class ApbvError(Exception):
+    """Base of all errors this project raises on purpose."""
+
+    code = "error"
+
+
+class InputError(ApbvError):
+    """The request itself is bad; retrying it unchanged will fail again."""
+
+    code = "bad_input"
+
+
+class VideoNotFound(InputError):
+    code = "video_not_found"
+
+
+class VideoUnreadable(InputError):
+    """Not a video, a corrupt file, or a container/codec no installed reader can decode."""
+
+    code = "video_unreadable"
+
+
+class NoFrames(InputError):
+    code = "no_frames"
+
+
+class TooFewFrames(InputError):
+    """Fewer temporal patches than the ranks need (each rank encodes at least one)."""
+
+    code = "too_few_frames"
+
+
+class EmptyQuestion(InputError):
+    code = "empty_question"
+
+
+class TooManyTokens(InputError):
+    """The prompt exceeds the configured token budget (memory limit)."""
+
+    code = "too_many_tokens"
+
+
+class LayoutError(InputError):
+    """A sequence cannot be cut across the requested number of ranks."""
+
+    code = "layout"
+
+
+class EngineError(ApbvError):
+    """The engine could not serve a valid request; the request may succeed when retried."""
+
+    code = "engine"
+
+
+class Busy(EngineError):
+    code = "busy"
+
+
+class WorkerDied(EngineError):
+    code = "worker_died"
+
+
+class RequestTimeout(EngineError):
+    code = "timeout"
+
+
+class Cancelled(EngineError):
+    code = "cancelled"
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"

@@ -1,0 +1,147 @@
+"""Per-rank measurements of one request: stage timeline, per-category time totals, counters.
+
+Every layer of the stack records into the rank's `MetricsRecorder`; `finish()` turns it into a JSON-serialisable
+`RankMetrics`. On CUDA, time is measured with CUDA events on the current stream (so an interval around
+`handle.wait()` measures how long the compute stream stalled on communication); on CPU with a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+# Categories of time summed over the whole request (each interval belongs to exactly one).
+ATTENTION = "attention"  # attention kernels (prefill), incl. scoring/selection
+COMM_WAIT = "comm_wait"  # compute stream blocked on a collective / p2p transfer
+VISION = "vision"
+OTHER_LAYERS = "other_layers"  # projections, norms, MLP, lm_head during prefill
+DECODE = "decode"
+READ = "read"
+
+
+@dataclass
+class Span:
+    """One coarse stage on the timeline, in seconds since the request started on this rank."""
+
+    name: str
+    start: float
+    end: float
+
+
+@dataclass
+class RankMetrics:
+    rank: int
+    device: str
+    spans: list[Span] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)  # seconds per category
+    counters: dict[str, float] = field(default_factory=dict)  # attn_pairs, attn_flops, bytes_sent, ...
+    peak_memory_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "RankMetrics":
+        return RankMetrics(
+            rank=d["rank"],
+            device=d["device"],
+            spans=[Span(**s) for s in d["spans"]],
+            totals=dict(d["totals"]),
+            counters=dict(d["counters"]),
+            peak_memory_bytes=d.get("peak_memory_bytes", 0),
+        )
+
+
+class _Clock:
+    """Marks points in time; CUDA events on GPU, perf_counter on CPU. Resolved lazily by `seconds()`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.origin = self.mark()
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, point) -> float:
+        """Seconds from the origin to `point` (synchronises on CUDA)."""
+        if self.cuda:
+            point.synchronize()
+            return self.origin.elapsed_time(point) / 1e3
+        return point - self.origin
+
+
+class MetricsRecorder:
+    """Collects one rank's measurements for one request."""
+
+    def __init__(self, rank: int, device: torch.device) -> None:
+        self.rank = rank
+        self.device = torch.device(device)
+        self._clock = _Clock(self.device)
+        self._spans: list[tuple[str, object, object]] = []
+        self._intervals: list[tuple[str, object, object]] = []
+        self.counters: dict[str, float] = defaultdict(float)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add(self, name: str, value: float) -> None:
+        self.counters[name] += value
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        """A coarse timeline stage (read, vision, prefill, decode)."""
+        start = self._clock.mark()
+        try:
+            yield
+        finally:
+            self._spans.append((name, start, self._clock.mark()))
+
+    @contextmanager
+    def timed(self, category: str) -> Iterator[None]:
+        """Adds the enclosed time to `category`'s total."""
+        start = self._clock.mark()
+        try:
+            yield
+        finally:
+            self._intervals.append((category, start, self._clock.mark()))
+
+    def finish(self) -> RankMetrics:
+        sec = self._clock.seconds
+        totals: dict[str, float] = defaultdict(float)
+        for category, a, b in self._intervals:
+            totals[category] += sec(b) - sec(a)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return RankMetrics(
+            rank=self.rank,
+            device=str(self.device),
+            spans=[Span(name, sec(a), sec(b)) for name, a, b in self._spans],
+            totals=dict(totals),
+            counters=dict(self.counters),
+            peak_memory_bytes=int(peak),
+        )
+
+
+class NullRecorder(MetricsRecorder):
+    """A recorder that records nothing (unit tests, warm-up runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, device=torch.device("cpu"))
+
+    def add(self, name: str, value: float) -> None:
+        pass
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def timed(self, category: str) -> Iterator[None]:
+        yield
