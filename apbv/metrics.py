@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -82,13 +82,15 @@ class _Clock:
 class MetricsRecorder:
     """Collects one rank's measurements for one request."""
 
-    def __init__(self, rank: int, device: torch.device) -> None:
+    def __init__(self, rank: int, device: torch.device, on_span: Callable[[str], None] | None = None) -> None:
         self.rank = rank
+        self._on_span = on_span
         self.device = torch.device(device)
         self._clock = _Clock(self.device)
         self._spans: list[tuple[str, object, object]] = []
         self._intervals: list[tuple[str, object, object]] = []
         self.counters: dict[str, float] = defaultdict(float)
+        self._remainders: list[tuple[str, str, tuple[str, ...]]] = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -97,7 +99,9 @@ class MetricsRecorder:
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
-        """A coarse timeline stage (read, vision, prefill, decode)."""
+        """A coarse timeline stage (read, vision, prefill, decode); announced to `on_span` as it starts."""
+        if self._on_span is not None:
+            self._on_span(name)
         start = self._clock.mark()
         try:
             yield
@@ -113,16 +117,27 @@ class MetricsRecorder:
         finally:
             self._intervals.append((category, start, self._clock.mark()))
 
+    def remainder(self, category: str, span: str, minus: tuple[str, ...]) -> None:
+        """At finish, set `category` to the time of `span` stages not covered by the `minus` categories
+        (e.g. other_layers = prefill - attention - comm_wait)."""
+        self._remainders.append((category, span, minus))
+
     def finish(self) -> RankMetrics:
         sec = self._clock.seconds
         totals: dict[str, float] = defaultdict(float)
-        for category, a, b in self._intervals:
-            totals[category] += sec(b) - sec(a)
+        intervals = [(category, sec(a), sec(b)) for category, a, b in self._intervals]
+        spans = [Span(name, sec(a), sec(b)) for name, a, b in self._spans]
+        for category, start, end in intervals:
+            totals[category] += end - start
+        for category, span_name, minus in self._remainders:
+            for sp in (s for s in spans if s.name == span_name):
+                inside = sum(e - b for c, b, e in intervals if c in minus and b >= sp.start and e <= sp.end)
+                totals[category] += max(0.0, sp.end - sp.start - inside)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return RankMetrics(
             rank=self.rank,
             device=str(self.device),
-            spans=[Span(name, sec(a), sec(b)) for name, a, b in self._spans],
+            spans=spans,
             totals=dict(totals),
             counters=dict(self.counters),
             peak_memory_bytes=int(peak),
@@ -145,3 +160,6 @@ class NullRecorder(MetricsRecorder):
     @contextmanager
     def timed(self, category: str) -> Iterator[None]:
         yield
+
+    def remainder(self, category: str, span: str, minus: tuple[str, ...]) -> None:
+        pass

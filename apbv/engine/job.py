@@ -1,0 +1,155 @@
+"""One request as the ranks execute it.
+
+Rank 0 turns a `Request` into a `JobHeader` (reads and samples the video, builds the prompt, validates it against
+the limits and the strategy's layout) so that bad input is rejected before any other rank is involved. Every rank
+of the request's group then receives its own frames, patchifies them and runs `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from apbv.attention import get_strategy
+from apbv.attention.layout import split_temporal_patches
+from apbv.comm import Comm
+from apbv.config import AttentionConfig, Limits
+from apbv.engine.api import Request
+from apbv.errors import InputError, TooFewFrames
+from apbv.inputs import ProcessorSpec, patchify, prepare_inputs
+from apbv.metrics import READ, MetricsRecorder
+from apbv.model.generate import SamplingParams, VideoShard, generate
+from apbv.model.qwen2_5_vl import PromptTensors, QwenVLRank
+from apbv.video import read_video
+
+
+@dataclass(frozen=True)
+class JobHeader:
+    """Everything every rank needs to run one request (no pixels: frames travel separately per rank)."""
+
+    request_id: str
+    world_size: int
+    attention: AttentionConfig
+    sampling: SamplingParams
+    prompt: PromptTensors
+    frame_shape: tuple[int, int, int]  # (H, W, 3) of every sampled frame
+    patch_ranges: tuple[tuple[int, int], ...]  # temporal patches [start, end) per rank
+    visual_tokens: int
+
+
+def attention_config(request: Request) -> AttentionConfig:
+    """The request's strategy parameters on top of the paper's defaults."""
+    config = AttentionConfig(strategy=request.strategy)
+    if request.anchor_ratio is not None:
+        config = replace(config, anchor_ratio=request.anchor_ratio)
+    if request.passing_ratio is not None:
+        config = replace(config, passing_ratio=request.passing_ratio)
+    return config
+
+
+def prepare_job(
+    request_id: str,
+    request: Request,
+    world_size: int,
+    tokenizer,
+    spec: ProcessorSpec,
+    limits: Limits,
+    stop_ids: tuple[int, ...],
+    metrics: MetricsRecorder,
+) -> tuple[JobHeader, np.ndarray]:
+    """Rank 0: read the video and build the header; raises InputError subclasses for bad requests."""
+    if request.strategy == "dense" and world_size != 1:
+        raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
+    if request.max_new_tokens > limits.max_new_tokens:
+        raise InputError(f"max_new_tokens {request.max_new_tokens} exceeds the limit {limits.max_new_tokens}")
+    with metrics.span("read"), metrics.timed(READ):
+        video = read_video(
+            request.video_path,
+            num_frames=request.num_frames,
+            fps=None if request.num_frames else request.fps,
+            max_frames=limits.max_frames,
+            **({"max_pixels": request.max_pixels} if request.max_pixels else {}),
+        )
+        inputs = prepare_inputs(tokenizer, video, request.question, spec, max_tokens=limits.max_visual_tokens)
+    temporal_patches = int(inputs.video_grid_thw[0, 0])
+    if temporal_patches < world_size:
+        raise TooFewFrames(
+            f"{world_size} ranks need at least {2 * world_size} frames ({world_size} temporal patches); "
+            f"the video gave {2 * temporal_patches}"
+        )
+    attention = attention_config(request)
+    get_strategy(attention).plan(inputs.n_context, inputs.n_query, world_size)  # raises LayoutError early
+    prompt = PromptTensors(
+        input_ids=inputs.input_ids,
+        mm_token_type_ids=inputs.mm_token_type_ids,
+        video_grid_thw=inputs.video_grid_thw,
+        second_per_grid_ts=inputs.second_per_grid_ts,
+        n_context=inputs.n_context,
+        n_query=inputs.n_query,
+    )
+    ranges = tuple((r.start, r.stop) for r in split_temporal_patches(temporal_patches, world_size))
+    header = JobHeader(
+        request_id=request_id,
+        world_size=world_size,
+        attention=attention,
+        sampling=SamplingParams(
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop_ids=stop_ids,
+        ),
+        prompt=prompt,
+        frame_shape=tuple(video.frames.shape[1:]),
+        patch_ranges=ranges,
+        visual_tokens=inputs.visual_tokens,
+    )
+    return header, video.frames
+
+
+def distribute_frames(header: JobHeader, frames: np.ndarray | None, comm: Comm) -> torch.Tensor:
+    """Rank 0 sends each rank the frames of its temporal patches; returns this rank's frames (uint8)."""
+    start, end = header.patch_ranges[comm.rank]
+    if comm.rank == 0:
+        sends = [
+            comm.isend(torch.from_numpy(np.ascontiguousarray(frames[2 * a : 2 * b])).to(comm.device), dst=rank)
+            for rank, (a, b) in enumerate(header.patch_ranges)
+            if rank > 0
+        ]
+        for handle in sends:
+            handle.wait()
+        return torch.from_numpy(np.ascontiguousarray(frames[2 * start : 2 * end]))
+    buffer = torch.empty((2 * (end - start), *header.frame_shape), dtype=torch.uint8, device=comm.device)
+    return comm.irecv(buffer, src=0).wait().cpu()
+
+
+def run_job(
+    header: JobHeader,
+    local_frames: torch.Tensor,
+    rank_model: QwenVLRank,
+    spec: ProcessorSpec,
+    comm: Comm,
+    metrics: MetricsRecorder,
+    should_stop: Callable[[], bool],
+) -> Iterator[int]:
+    """This rank's share of the request: patchify own frames, then generate (yields token ids)."""
+    grid = header.prompt.video_grid_thw[0]
+    merge = spec.merge_size**2
+    tokens_per_rank = [(b - a) * int(grid[1] * grid[2]) // merge for a, b in header.patch_ranges]
+    pixels, local_grid = patchify(local_frames.numpy(), spec)
+    shard = VideoShard(pixels=pixels, grid_thw=local_grid, tokens_per_rank=tokens_per_rank)
+    strategy = get_strategy(header.attention)
+    yield from generate(rank_model, header.prompt, shard, strategy, comm, metrics, header.sampling, should_stop)
+
+
+def gather_metrics(metrics: dict | None, group: dist.ProcessGroup | None, world_size: int) -> list[dict]:
+    """Collect every rank's metrics record on rank 0 (ranks outside the job contribute None)."""
+    if world_size == 1:
+        return [metrics] if metrics else []
+    out: list[dict | None] = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(metrics, out, dst=0, group=group)
+    return [m for m in out or [] if m is not None]

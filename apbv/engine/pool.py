@@ -1,0 +1,326 @@
+"""EnginePool: starts one worker process per rank once, queues requests, streams their events, survives failures.
+
+One engine thread owns the connection to rank 0 and serves the queue one request at a time: it sends the job,
+forwards events to the request's handle, forwards cancellations, enforces the per-request timeout and watches the
+worker processes. A dead worker fails the request in flight (never silently) and every rank is restarted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from apbv import errors
+from apbv.config import STRATEGIES
+from apbv.engine.api import Event, Request, Result
+from apbv.engine.worker import EXIT_OUT_OF_MEMORY
+from apbv.errors import (
+    ApbvError,
+    Busy,
+    Cancelled,
+    EmptyQuestion,
+    EngineError,
+    InputError,
+    OutOfMemory,
+    RequestTimeout,
+    VideoNotFound,
+    WorkerDied,
+)
+
+_ERRORS_BY_CODE = {c.code: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ApbvError)}
+TERMINAL = ("result", "error", "cancelled")
+START_TIMEOUT_S = 600.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_from_event(data: dict) -> ApbvError:
+    """Rebuild the typed error a request ended with (unknown codes become a generic EngineError)."""
+    return _ERRORS_BY_CODE.get(data["code"], EngineError)(data["message"])
+
+
+class RequestHandle:
+    """A submitted request: iterate its events, or wait for its result."""
+
+    def __init__(self, request_id: str, request: Request) -> None:
+        self.request_id = request_id
+        self.request = request
+        self.submitted = time.monotonic()
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.done = threading.Event()
+
+    def _put(self, event: Event) -> None:
+        if self.done.is_set():
+            return
+        if event.kind == "result":
+            event = Event("result", {**event.data, "wall_s": time.monotonic() - self.submitted})
+        self._events.put(event)
+        if event.kind in TERMINAL:
+            self.done.set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events in order; ends after exactly one of result / error / cancelled."""
+        while True:
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise RequestTimeout(f"no event from the engine within {timeout} s") from None
+            yield event
+            if event.kind in TERMINAL:
+                return
+
+    def result(self, timeout: float | None = None) -> Result:
+        """The finished Result; raises the ApbvError the request ended with."""
+        for event in self.events(timeout):
+            if event.kind == "result":
+                return Result.from_dict(event.data)
+            if event.kind == "error":
+                raise error_from_event(event.data)
+            if event.kind == "cancelled":
+                raise Cancelled(f"request {self.request_id} was cancelled")
+        raise EngineError("request ended without a result")
+
+
+class EnginePool:
+    """A pool of rank processes serving requests one at a time.
+
+    model: hub id or local path (None: the embedded model); world_size: ranks (None: visible GPUs, else 2 CPU
+    ranks); device: "cpu" or "cuda" (None: cuda when available).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        world_size: int | None = None,
+        device: str | None = None,
+        queue_size: int = 8,
+        request_timeout_s: float = 600.0,
+    ) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        gpus = torch.cuda.device_count() if self.device == "cuda" else 0
+        self.world_size = world_size or (gpus or 2)
+        if self.device == "cuda" and self.world_size > gpus:
+            raise ValueError(f"{self.world_size} ranks requested but only {gpus} GPUs are visible")
+        self.model = model
+        self.request_timeout_s = request_timeout_s
+        self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=queue_size)
+        self._cancel: set[str] = set()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen] = []
+        self._conn: Connection | None = None
+        self._logs = Path(tempfile.mkdtemp(prefix="apbv-engine-"))
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+        self.info: dict = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> "EnginePool":
+        self._spawn()
+        self._thread = threading.Thread(target=self._serve, name="apbv-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._shutdown_workers()
+        while not self._queue.empty():
+            self._queue.get_nowait()._put(Event("error", {"code": EngineError.code, "message": "engine closed"}))
+
+    def __enter__(self) -> "EnginePool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- client API ------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request; raises Busy at once when the queue is full, InputError for requests bad on their face."""
+        self._validate(request)
+        handle = RequestHandle(f"req-{next(self._ids)}", request)
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise Busy(f"the engine is busy ({self._queue.maxsize} requests queued); try again shortly") from None
+        handle._put(Event("queued", {"position": self._queue.qsize()}))
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancel.add(request_id)
+
+    def health(self) -> dict:
+        alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
+        return {"alive": alive, "world_size": self.world_size, "device": self.device, "model": self.model or "embedded",
+                "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs]}
+
+    def _validate(self, request: Request) -> None:
+        if not request.question or not request.question.strip():
+            raise EmptyQuestion("the question is empty")
+        if request.strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {request.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not os.path.isfile(request.video_path):
+            raise VideoNotFound(f"no such video file: {request.video_path}")
+        w = request.world_size or self.world_size
+        if not 1 <= w <= self.world_size:
+            raise InputError(f"world_size {w} is outside 1..{self.world_size} (ranks in this engine)")
+        if request.strategy == "dense" and w != 1:
+            raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
+
+    # ---- workers ---------------------------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        authkey = secrets.token_bytes(16)
+        listen = f"127.0.0.1:{_free_port()}"
+        base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                "WORLD_SIZE": str(self.world_size), "APBV_AUTHKEY": authkey.hex(), "OMP_NUM_THREADS": os.environ.get(
+                    "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.world_size)))}
+        if self.device == "cpu":
+            base["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen]
+        if self.model:
+            cmd += ["--model", self.model]
+        self._procs = []
+        for rank in range(self.world_size):
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            log = open(self._logs / f"rank{rank}.log", "ab")
+            self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        self._conn = self._connect(listen, authkey)
+        kind, info = self._conn.recv()
+        assert kind == "ready", kind
+        self.info = info
+
+    def _connect(self, listen: str, authkey: bytes) -> Connection:
+        host, port = listen.rsplit(":", 1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            self._check_alive()
+            try:
+                return Client((host, int(port)), authkey=authkey)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > deadline:
+                    raise EngineError(f"engine did not start within {START_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self._procs):
+            code = proc.poll()
+            if code is not None:
+                tail = self._log_tail(rank)
+                if code == EXIT_OUT_OF_MEMORY:
+                    raise OutOfMemory(f"rank {rank} ran out of memory; use fewer frames or a lower resolution")
+                raise WorkerDied(f"rank {rank} exited with code {code}" + (f": {tail}" if tail else ""))
+
+    def _log_tail(self, rank: int) -> str:
+        try:
+            lines = (self._logs / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    def _shutdown_workers(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("shutdown",))
+            except (OSError, EOFError):
+                pass
+            self._conn.close()
+            self._conn = None
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs = []
+
+    def _restart(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+        for proc in self._procs:
+            proc.wait()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.restarts += 1
+        self._spawn()
+
+    # ---- the engine thread -----------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                handle = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if handle.request_id in self._cancel:
+                handle._put(Event("cancelled", {}))
+                continue
+            try:
+                self._run(handle)
+            except ApbvError as err:
+                handle._put(Event("error", {"code": err.code, "message": str(err)}))
+                self._recover()
+
+    def _recover(self) -> None:
+        """Restart every rank after a failure; retries until it works or the pool closes."""
+        while not self._closing.is_set():
+            try:
+                self._restart()
+                return
+            except ApbvError:
+                time.sleep(1.0)
+
+    def _run(self, handle: RequestHandle) -> None:
+        """Serve one request to its end; raises ApbvError when the workers failed (the caller restarts them)."""
+        rid = handle.request_id
+        self._conn.send(("job", rid, handle.request))
+        deadline = time.monotonic() + self.request_timeout_s
+        cancel_sent = False
+        while True:
+            with self._lock:
+                wants_cancel = rid in self._cancel
+            if wants_cancel and not cancel_sent:
+                self._conn.send(("cancel", rid))
+                cancel_sent = True
+            if time.monotonic() > deadline:
+                raise RequestTimeout(f"request took longer than {self.request_timeout_s:.0f} s; the engine was restarted")
+            try:
+                has_msg = self._conn.poll(0.05)
+            except (OSError, EOFError):
+                has_msg = False
+            if not has_msg:
+                self._check_alive()
+                continue
+            try:
+                _, event_rid, event = self._conn.recv()
+            except (OSError, EOFError):
+                self._check_alive()
+                time.sleep(0.2)
+                self._check_alive()
+                raise WorkerDied("lost the connection to rank 0") from None
+            if event_rid != rid:
+                continue
+            if event.kind == "error" and event.data.get("code") == WorkerDied.code:
+                raise WorkerDied(event.data["message"])
+            handle._put(event)
+            if event.kind in TERMINAL:
+                return

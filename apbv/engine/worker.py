@@ -1,0 +1,249 @@
+"""One engine process per rank: join the process group, load the model once, serve requests until shutdown.
+
+Started by `EnginePool` (one subprocess per rank) or by torchrun for several nodes; either way the environment
+carries RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 listens on `--listen HOST:PORT` for one
+pool connection (pickled messages, authenticated with the hex key in APBV_AUTHKEY):
+
+    pool -> rank 0:  ("job", request_id, Request) | ("cancel", request_id) | ("shutdown",)
+    rank 0 -> pool:  ("ready", info) | ("event", request_id, Event)
+
+Rank 0 prepares each job (bad input is answered there, no other rank involved), then broadcasts the header to all
+ranks; ranks of the job's group run it, every rank joins the final metrics gather. An error inside a running job
+cannot be recovered without tearing down the group, so the process exits (code 75 for out-of-memory) and the
+pool restarts all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection, Listener
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from apbv.comm import Comm
+from apbv.config import Limits
+from apbv.engine.api import Event, Request, Result
+from apbv.engine.job import distribute_frames, gather_metrics, prepare_job, run_job
+from apbv.errors import ApbvError, Cancelled, InputError
+from apbv.metrics import MetricsRecorder, RankMetrics
+from apbv.model.loading import LoadedModel, load_model
+
+EXIT_OUT_OF_MEMORY = 75
+
+
+class Channel(Protocol):
+    """Rank 0's link to whoever submits requests: messages in, events out."""
+
+    cancelled: set[str]
+
+    def recv(self) -> tuple: ...
+
+    def send(self, request_id: str, kind: str, data: dict) -> None: ...
+
+    def poll_cancel(self, request_id: str) -> bool: ...
+
+
+class PoolChannel:
+    """The connection to an EnginePool (pickled messages over an authenticated socket)."""
+
+    def __init__(self, conn: Connection, info: dict) -> None:
+        self.conn = conn
+        self.cancelled: set[str] = set()
+        conn.send(("ready", info))
+
+    def recv(self) -> tuple:
+        return self.conn.recv()
+
+    def send(self, request_id: str, kind: str, data: dict) -> None:
+        self.conn.send(("event", request_id, Event(kind, data)))
+
+    def poll_cancel(self, request_id: str) -> bool:
+        while self.conn.poll():
+            msg = self.conn.recv()
+            if msg[0] == "cancel":
+                self.cancelled.add(msg[1])
+            elif msg[0] == "shutdown":
+                raise SystemExit(0)
+        return request_id in self.cancelled
+
+
+class OneShotChannel:
+    """A single request from this process (the CLI under torchrun): its events go to `on_event`."""
+
+    def __init__(self, request: Request, on_event: Callable[[Event], None]) -> None:
+        self._messages = [("job", "cli", request), ("shutdown",)]
+        self.on_event = on_event
+        self.cancelled: set[str] = set()
+
+    def recv(self) -> tuple:
+        return self._messages.pop(0)
+
+    def send(self, request_id: str, kind: str, data: dict) -> None:
+        self.on_event(Event(kind, data))
+
+    def poll_cancel(self, request_id: str) -> bool:
+        return False
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup | None]:
+    """Process groups of ranks [0, w) for every w (every rank must create all of them, in the same order)."""
+    groups: dict[int, dist.ProcessGroup | None] = {1: None}
+    for w in range(2, world_size + 1):
+        groups[w] = dist.group.WORLD if w == world_size else dist.new_group(list(range(w)))
+    return groups
+
+
+def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
+    """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = _device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(days=7))
+    groups = _prefix_groups(world_size)
+    loaded = load_model(model, device)
+    limits = Limits()
+    channel = None
+    if rank == 0:
+        channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name})
+    while True:
+        header, frames, metrics = None, None, None
+        if rank == 0:
+            header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
+        box = [header]
+        dist.broadcast_object_list(box, src=0)
+        header = box[0]
+        if header == "shutdown":
+            break
+        record = None
+        if rank != 0:
+            metrics = MetricsRecorder(rank, device)  # its clock starts when the job reaches this rank
+        if rank < header.world_size:
+            comm = Comm(groups[header.world_size], device)
+            record = _run_rank(header, frames, loaded, comm, channel, metrics)
+        records = gather_metrics(record, None, world_size)
+        if rank == 0 and record is not None and not record.get("cancelled"):
+            channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
+        elif rank == 0 and record is not None:
+            channel.send(header.request_id, "cancelled", {})
+    dist.destroy_process_group()
+
+
+def _next_job(channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device):
+    """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, frames, metrics)."""
+    while True:
+        msg = channel.recv()
+        if msg[0] == "shutdown":
+            return "shutdown", None, None
+        if msg[0] == "cancel":
+            channel.cancelled.add(msg[1])
+            continue
+        _, request_id, request = msg
+        if request_id in channel.cancelled:
+            channel.send(request_id, "cancelled", {})
+            continue
+        metrics = MetricsRecorder(0, device, on_span=lambda name: channel.send(request_id, "stage", {"name": name}))
+        try:
+            w = request.world_size or world_size
+            if not 1 <= w <= world_size:
+                raise InputError(f"world_size {w} is outside 1..{world_size} (ranks in this engine)")
+            header, frames = prepare_job(
+                request_id, request, w, loaded.tokenizer, loaded.spec, limits, loaded.stop_ids, metrics
+            )
+        except ApbvError as err:
+            channel.send(request_id, "error", {"code": err.code, "message": str(err)})
+            continue
+        return header, frames, metrics
+
+
+def _run_rank(header, frames, loaded: LoadedModel, comm: Comm, channel: Channel | None, metrics) -> dict:
+    """Run this rank's share of a job; rank 0 streams tokens. Returns this rank's metrics record."""
+    rid = header.request_id
+    stream, should_stop = None, lambda: False
+    if comm.rank == 0:
+        stream = _TokenStream(loaded.tokenizer, lambda text, tid: channel.send(rid, "token", {"text": text, "token_id": tid}))
+        should_stop = lambda: channel.poll_cancel(rid)  # noqa: E731
+    cancelled = False
+    try:
+        local_frames = distribute_frames(header, frames, comm)
+        for token in run_job(header, local_frames, loaded.rank_model, loaded.spec, comm, metrics, should_stop):
+            if stream is not None:
+                stream.push(token)
+    except Cancelled:
+        cancelled = True
+    except torch.cuda.OutOfMemoryError:
+        traceback.print_exc()
+        os._exit(EXIT_OUT_OF_MEMORY)
+    except Exception:  # the group may be wedged: exit so that the pool restarts every rank
+        traceback.print_exc()
+        if channel is not None:
+            channel.send(rid, "error", {"code": "worker_died", "message": f"rank {comm.rank} failed: {sys.exc_info()[1]}"})
+        os._exit(1)
+    record = metrics.finish().to_dict()
+    record["cancelled"] = cancelled
+    record["token_ids"] = stream.ids if stream is not None else []
+    return record
+
+
+class _TokenStream:
+    """Incremental detokenisation: emits only the new text of each token (handles multi-token characters)."""
+
+    def __init__(self, tokenizer, emit) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.text) and not text.endswith("\ufffd"):
+            self.emit(text[len(self.text) :], token_id)
+            self.text = text
+
+
+def _result(header, records: list[dict], loaded: LoadedModel) -> Result:
+    ids = records[0]["token_ids"]
+    ranks = [RankMetrics.from_dict({k: v for k, v in r.items() if k not in ("cancelled", "token_ids")}) for r in records]
+    return Result(
+        request_id=header.request_id,
+        answer=loaded.tokenizer.decode(ids, skip_special_tokens=True),
+        token_ids=ids,
+        strategy=header.attention.strategy,
+        world_size=header.world_size,
+        visual_tokens=header.visual_tokens,
+        n_context=header.prompt.n_context,
+        n_query=header.prompt.n_query,
+        wall_s=0.0,  # filled in by the pool, which sees the client's clock
+        ranks=ranks,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="APB-V engine rank process (started by EnginePool or torchrun)")
+    parser.add_argument("--model", default=None, help="hub id or local path; default: the embedded model")
+    parser.add_argument("--listen", default="127.0.0.1:29600", help="rank 0: address the pool connects to")
+    args = parser.parse_args(argv)
+
+    def accept_pool(info: dict) -> PoolChannel:
+        host, port = args.listen.rsplit(":", 1)
+        with Listener((host, int(port)), authkey=bytes.fromhex(os.environ["APBV_AUTHKEY"])) as listener:
+            return PoolChannel(listener.accept(), info)
+
+    serve(args.model, accept_pool)
+
+
+if __name__ == "__main__":
+    main()

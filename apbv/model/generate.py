@@ -1,0 +1,104 @@
+"""Prefill + decode loop for one request on one rank: vision, sharded prefill, sampling, streamed tokens.
+
+Every rank of the request's group runs `generate` with the same prompt; the tail rank (the one holding the last
+prompt token) samples each token and broadcasts it, so all ranks stay in lock-step and yield the same ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from apbv.attention.base import Strategy
+from apbv.comm import Comm
+from apbv.errors import Cancelled
+from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, MetricsRecorder, NullRecorder
+from apbv.model.cache import ShardedKVCache
+from apbv.model.qwen2_5_vl import PromptTensors, QwenVLRank
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class VideoShard:
+    """This rank's share of the video: its temporal patches' pixel rows, their grid, and every rank's count of
+    merged visual tokens (for the all-gather)."""
+
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor
+    tokens_per_rank: list[int]
+
+
+def generate(
+    rank_model: QwenVLRank,
+    prompt: PromptTensors,
+    video: VideoShard,
+    strategy: Strategy,
+    comm: Comm,
+    metrics: MetricsRecorder,
+    sampling: SamplingParams,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[int]:
+    """Yield generated token ids (identical on every rank); stop tokens are not yielded.
+
+    `should_stop` is polled on rank 0 at every token boundary; when it returns True all ranks raise Cancelled.
+    """
+    plan = strategy.plan(prompt.n_context, prompt.n_query, comm.world_size)
+    metrics.remainder(OTHER_LAYERS, span="prefill", minus=(ATTENTION, COMM_WAIT))
+    is_tail = comm.rank == plan.tail_rank
+    positions, rope_delta = rank_model.global_positions(prompt)
+    with metrics.span("vision"):
+        video_embeds = rank_model.encode_video(video.pixels, video.grid_thw, video.tokens_per_rank, comm, metrics)
+    cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
+    with metrics.span("prefill"):
+        hidden = rank_model.prefill(prompt, video_embeds, positions, strategy, plan, comm, metrics, cache)
+    del video_embeds
+
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+
+    def next_token(hidden: torch.Tensor | None) -> int:
+        """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max)."""
+        chosen = sample_token(rank_model.logits(hidden), sampling, generator) if is_tail else -1
+        stop = int(comm.rank == 0 and should_stop())
+        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device)).tolist()
+        if stop:
+            raise Cancelled("cancelled")
+        return int(token)
+
+    if sampling.max_new_tokens < 1:
+        return
+    token = next_token(hidden)
+    if token in sampling.stop_ids:
+        return
+    yield token
+    prompt_len = prompt.input_ids.numel()
+    quiet = NullRecorder()  # decode is reported as one time category; its inner attention is not split out
+    with metrics.span("decode"), metrics.timed(DECODE):
+        for step in range(1, sampling.max_new_tokens):
+            position = prompt_len + step - 1 + rope_delta
+            hidden = rank_model.decode_step(token, position, comm, quiet, cache, is_tail)
+            token = next_token(hidden)
+            if token in sampling.stop_ids:
+                return
+            yield token

@@ -1,0 +1,55 @@
+"""Load a Qwen2.5-VL checkpoint (hub id or local path) or the project's embedded model, once per rank."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from apbv.inputs import ProcessorSpec
+from apbv.model.qwen2_5_vl import QwenVLRank
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_MODEL = REPO_ROOT / "assets" / "model"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    rank_model: QwenVLRank
+    tokenizer: object
+    spec: ProcessorSpec
+    stop_ids: tuple[int, ...]
+
+
+def default_model_path() -> Path:
+    """The embedded model shipped in assets/ (trained on the synthetic task); built from a seed if absent."""
+    if (EMBEDDED_MODEL / "config.json").exists():
+        return EMBEDDED_MODEL
+    from apbv.model.tiny import build_tiny_model
+
+    cache = Path(os.environ.get("APBV_CACHE", Path.home() / ".cache" / "apbv")) / "tiny-random"
+    if not (cache / "config.json").exists():
+        build_tiny_model(cache)
+    return cache
+
+
+def load_model(name_or_path: str | None, device: torch.device) -> LoadedModel:
+    """bf16 on GPU, fp32 on CPU; no remote code."""
+    path = str(name_or_path or default_model_path())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stop_ids = tuple(
+        i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0
+    )
+    return LoadedModel(
+        name=name_or_path or "embedded",
+        rank_model=QwenVLRank(model),
+        tokenizer=tokenizer,
+        spec=ProcessorSpec.from_pretrained(path),
+        stop_ids=stop_ids,
+    )

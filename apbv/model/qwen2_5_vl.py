@@ -1,0 +1,195 @@
+"""Run a transformers Qwen2.5-VL checkpoint rank-locally with a sequence-parallel attention strategy.
+
+Nothing of the model is forked: embeddings, vision encoder, decoder layers, norms, MLP, M-RoPE and the LM head
+are transformers' own modules. Only the text attention function is swapped, through transformers' attention
+registry, for `_sequence_parallel_attention`, which hands the rank-local (post-RoPE) q/k/v to the active route:
+the strategy's prefill, or the distributed decode over the sharded KV cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+
+from apbv.attention.base import SequencePlan, Strategy
+from apbv.attention.decode import distributed_attention
+from apbv.comm import Comm
+from apbv.metrics import VISION, MetricsRecorder
+from apbv.model.cache import ShardedKVCache
+
+ATTN_IMPLEMENTATION = "apbv_sequence_parallel"
+
+# (layer_idx, q (Hq,S,D), k (Hkv,S,D), v (Hkv,S,D)) -> out (Hq,S,D)
+AttentionRoute = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_ACTIVE_ROUTE: ContextVar[AttentionRoute | None] = ContextVar("apbv_attention_route", default=None)
+
+
+def _sequence_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface entry: (1,H,S,D) in, (1,S,H,D) out."""
+    route = _ACTIVE_ROUTE.get()
+    if route is None:
+        raise RuntimeError("sequence-parallel attention called outside a prefill/decode step")
+    if query.shape[0] != 1:
+        raise ValueError("batch size 1 only")
+    if scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("only the default 1/sqrt(head_dim) attention scale is supported")
+    out = route(module.layer_idx, query[0], key[0], value[0])
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _sequence_parallel_attention)
+
+
+@contextmanager
+def _route(route: AttentionRoute) -> Iterator[None]:
+    token = _ACTIVE_ROUTE.set(route)
+    try:
+        yield
+    finally:
+        _ACTIVE_ROUTE.reset(token)
+
+
+@dataclass(frozen=True)
+class PromptTensors:
+    """The tokenised prompt as every rank sees it (small: ids and grids, no pixels)."""
+
+    input_ids: torch.Tensor  # (L,) long
+    mm_token_type_ids: torch.Tensor  # (L,) int
+    video_grid_thw: torch.Tensor  # (1, 3) long
+    second_per_grid_ts: torch.Tensor  # (1,) float
+    n_context: int
+    n_query: int
+
+
+def use_sequence_parallel_attention(model: Qwen2_5_VLForConditionalGeneration) -> None:
+    """Route the language model's attention through the active strategy; the vision tower keeps SDPA."""
+    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
+
+
+class QwenVLRank:
+    """One rank's view of a Qwen2.5-VL model: frame-parallel vision, sharded prefill, distributed decode."""
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration) -> None:
+        self.model = model.eval()
+        use_sequence_parallel_attention(model)
+        self.text = model.model.language_model
+        self.visual = model.model.visual
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text.layers)
+
+    def global_positions(self, prompt: PromptTensors) -> tuple[torch.Tensor, int]:
+        """M-RoPE ids (3, L) of the whole prompt from the installed transformers' own rule, and the rope delta."""
+        positions, delta = self.model.model.get_rope_index(
+            prompt.input_ids[None],
+            mm_token_type_ids=prompt.mm_token_type_ids[None],
+            video_grid_thw=prompt.video_grid_thw,
+            second_per_grid_ts=prompt.second_per_grid_ts,
+        )
+        return positions[:, 0], int(delta.reshape(-1)[0])
+
+    @torch.inference_mode()
+    def encode_video(
+        self,
+        local_pixels: torch.Tensor,
+        local_grid_thw: torch.Tensor,
+        tokens_per_rank: list[int],
+        comm: Comm,
+        metrics: MetricsRecorder,
+    ) -> torch.Tensor:
+        """Encode this rank's temporal patches and all-gather every rank's embeddings in token order.
+
+        Exact: no op of the Qwen2.5-VL vision tower crosses temporal patches (spec §2).
+        """
+        with metrics.timed(VISION):
+            if local_pixels.shape[0]:
+                out = self.visual(local_pixels.to(self.device, self.visual.dtype), grid_thw=local_grid_thw.to(self.device))
+                local = out.pooler_output if hasattr(out, "pooler_output") else out
+            else:
+                local = torch.empty(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+        parts = comm.all_gather(local.to(self.dtype).contiguous(), sizes=tokens_per_rank, dim=0, metrics=metrics)
+        return torch.cat(parts, dim=0)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        prompt: PromptTensors,
+        video_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        strategy: Strategy,
+        plan: SequencePlan,
+        comm: Comm,
+        metrics: MetricsRecorder,
+        cache: ShardedKVCache,
+    ) -> torch.Tensor | None:
+        """Run the decoder on this rank's local sequence; returns the final hidden state of the last prompt
+        token on the rank that holds it (the tail rank), else None. Fills `cache` with this rank's share."""
+        layout = plan.ranks[comm.rank]
+        rows = layout.local_to_global.to(self.device)
+        hidden = self._embed_local(prompt, video_embeds, rows)
+        cos_sin = self.text.rotary_emb(hidden, positions.to(self.device)[:, rows][:, None, :])
+        cache_rows = layout.cache_rows.to(self.device)
+
+        def route(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = strategy.prefill(q, k, v, plan, layer_idx, comm, metrics)
+            cache.store(layer_idx, k[:, cache_rows], v[:, cache_rows])
+            return out
+
+        with _route(route):
+            for layer in self.text.layers:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)
+        last = (layout.local_to_global == prompt.input_ids.numel() - 1).nonzero()
+        if last.numel() == 0:
+            return None
+        return self.text.norm(hidden[:, int(last[0, 0])])[0]
+
+    def _embed_local(self, prompt: PromptTensors, video_embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of the local rows with each video pad replaced by its vision embedding."""
+        ids = prompt.input_ids.to(self.device)
+        is_video = ids == self.config.video_token_id
+        video_index = torch.cumsum(is_video, 0) - 1  # global video-token ordinal of each position
+        local_ids = ids[rows]
+        hidden = self.text.embed_tokens(local_ids)
+        local_video = is_video[rows]
+        hidden[local_video] = video_embeds[video_index[rows][local_video]].to(hidden.dtype)
+        return hidden[None]
+
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        token_id: int,
+        position: int,
+        comm: Comm,
+        metrics: MetricsRecorder,
+        cache: ShardedKVCache,
+        is_tail: bool,
+    ) -> torch.Tensor:
+        """One decode token on every rank: exact attention over the sharded cache. Returns final hidden (H,)."""
+        hidden = self.text.embed_tokens(torch.tensor([[token_id]], device=self.device))
+        pos = torch.full((3, 1, 1), position, device=self.device, dtype=torch.long)
+        cos_sin = self.text.rotary_emb(hidden, pos)
+
+        def route(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if is_tail:
+                cache.append(layer_idx, k, v)
+            keys, values = cache.get(layer_idx)
+            return distributed_attention(q, keys, values, comm, metrics)
+
+        with _route(route):
+            for layer in self.text.layers:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)
+        return self.text.norm(hidden[:, -1])[0]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
