@@ -83,16 +83,30 @@ class Comm:
     def isend(self, tensor: Tensor, dst: int, metrics: MetricsRecorder = _NULL) -> Handle:
         """Start sending `tensor` to rank `dst`; keep it unmodified until `.wait()`."""
         metrics.add("bytes_sent", tensor.numel() * tensor.element_size())
-        work = dist.isend(tensor.contiguous(), group=self.group, group_dst=dst)
-        return Handle(work.wait, metrics)
+        return Handle(self._isend(tensor.contiguous(), dst), metrics)
 
     def irecv(self, buffer: Tensor, src: int, metrics: MetricsRecorder = _NULL) -> Handle:
         """Start receiving into `buffer` from rank `src`; `.wait()` returns the filled buffer."""
         metrics.add("bytes_recv", buffer.numel() * buffer.element_size())
-        work = dist.irecv(buffer, group=self.group, group_src=src)
+        finish = self._irecv(buffer, src)
 
         def wait() -> Tensor:
-            work.wait()
+            finish()
+            return buffer
+
+        return Handle(wait, metrics)
+
+    def sendrecv_async(
+        self, tensor: Tensor, dst: int, buffer: Tensor, src: int, metrics: MetricsRecorder = _NULL
+    ) -> Handle:
+        """Send `tensor` to `dst` and receive into `buffer` from `src` as one batched operation (a ring step;
+        batching avoids the NCCL pairwise-init deadlock of separate isend/irecv); `.wait()` returns `buffer`."""
+        metrics.add("bytes_sent", tensor.numel() * tensor.element_size())
+        metrics.add("bytes_recv", buffer.numel() * buffer.element_size())
+        finish = self._sendrecv(tensor.contiguous(), dst, buffer, src)
+
+        def wait() -> Tensor:
+            finish()
             return buffer
 
         return Handle(wait, metrics)
@@ -127,6 +141,19 @@ class Comm:
     def _broadcast(self, tensor: Tensor, src: int) -> None:
         dist.broadcast(tensor, group=self.group, group_src=src)
 
+    def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
+        return dist.isend(tensor, group=self.group, group_dst=dst).wait
+
+    def _irecv(self, buffer: Tensor, src: int) -> Callable[[], object]:
+        return dist.irecv(buffer, group=self.group, group_src=src).wait
+
+    def _sendrecv(self, tensor: Tensor, dst: int, buffer: Tensor, src: int) -> Callable[[], object]:
+        works = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=dst),
+            dist.P2POp(dist.irecv, buffer, group=self.group, group_peer=src),
+        ])
+        return lambda: [w.wait() for w in works]
+
 
 class SingleRankComm(Comm):
     """W = 1: every collective is an identity; point-to-point has no peer."""
@@ -137,12 +164,6 @@ class SingleRankComm(Comm):
         self.world_size = 1
         self.device = torch.device(device)
 
-    def isend(self, tensor: Tensor, dst: int, metrics: MetricsRecorder = _NULL) -> Handle:
-        raise RuntimeError("a single-rank Comm has no peer to send to")
-
-    def irecv(self, buffer: Tensor, src: int, metrics: MetricsRecorder = _NULL) -> Handle:
-        raise RuntimeError("a single-rank Comm has no peer to receive from")
-
     def barrier(self) -> None:
         pass
 
@@ -151,6 +172,15 @@ class SingleRankComm(Comm):
 
     def _broadcast(self, tensor: Tensor, src: int) -> None:
         pass
+
+    def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
+        raise RuntimeError("a single-rank Comm has no peer to send to")
+
+    def _irecv(self, buffer: Tensor, src: int) -> Callable[[], object]:
+        raise RuntimeError("a single-rank Comm has no peer to receive from")
+
+    def _sendrecv(self, tensor: Tensor, dst: int, buffer: Tensor, src: int) -> Callable[[], object]:
+        raise RuntimeError("a single-rank Comm has no peer to exchange with")
 
 
 def _pad(tensor: Tensor, dim: int, width: int) -> Tensor:

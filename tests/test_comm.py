@@ -26,6 +26,7 @@ def _exercise(rank: int, world: int) -> dict:
     send = comm.isend(torch.full((3,), float(rank)), (rank + 1) % world, metrics)
     from_left = recv.wait()
     send.wait()
+    ring = comm.sendrecv_async(torch.full((2,), rank * 1.0), (rank + 1) % world, torch.empty(2), (rank - 1) % world, metrics)
     token = comm.broadcast(torch.tensor([rank + 100]), src=2, metrics=metrics)
     sub = dist.new_group([0, 1])  # every rank must create the group; only members use it
     in_sub = None
@@ -36,6 +37,7 @@ def _exercise(rank: int, world: int) -> dict:
         "gathered": gathered,
         "async": handle.wait(),
         "from_left": from_left,
+        "ring": ring.wait(),
         "token": token,
         "sub": in_sub,
         "metrics": metrics.finish(),
@@ -50,6 +52,7 @@ def test_comm_on_three_gloo_ranks():
             assert torch.equal(part, _payload(src, SIZES[src]))  # padding trimmed, rank order
         assert [t.item() for t in res["async"]] == [0.0, 10.0, 20.0]
         assert torch.equal(res["from_left"], torch.full((3,), float((rank - 1) % 3)))
+        assert torch.equal(res["ring"], torch.full((2,), float((rank - 1) % 3)))
         assert res["token"].item() == 102
         if rank < 2:
             sub_rank, sub_world, sub_gathered = res["sub"]
@@ -57,8 +60,8 @@ def test_comm_on_three_gloo_ranks():
         counters = res["metrics"].counters
         padded = 2 * max(SIZES) * 4 * 4  # bytes of one padded payload
         broadcast = 8 * (2 if rank == 2 else 0), 8 * (0 if rank == 2 else 1)
-        assert counters["bytes_sent"] == 2 * padded + 2 * 4 + 12 + broadcast[0]
-        assert counters["bytes_recv"] == 2 * padded + 2 * 4 + 12 + broadcast[1]
+        assert counters["bytes_sent"] == 2 * padded + 2 * 4 + 12 + 8 + broadcast[0]
+        assert counters["bytes_recv"] == 2 * padded + 2 * 4 + 12 + 8 + broadcast[1]
         assert COMM_WAIT in res["metrics"].totals
 
 

@@ -35,14 +35,13 @@ class RingStrategy(Strategy):
         acc: list[tuple[Tensor, Tensor] | None] = [None] * len(mine)
         kv, owner = torch.cat([k, v], dim=-1), rank
         for step in range(world):
-            transfers = []
+            transfer = None
             if step < world - 1:
                 source = (owner - 1) % world
                 buffer = kv.new_empty(kv.shape[0], plan.ranks[source].length, kv.shape[-1])
-                transfers = [comm.irecv(buffer, (rank - 1) % world, metrics), comm.isend(kv, (rank + 1) % world, metrics)]
+                transfer = comm.sendrecv_async(kv, (rank + 1) % world, buffer, (rank - 1) % world, metrics)
                 if not self.config.overlap:
-                    for t in transfers:
-                        t.wait()
+                    transfer.wait()
             for i, (q_range, q_off) in enumerate(mine):
                 for k_range, k_off in _local_chunks(plan, owner):
                     causal = _visibility(q_range, k_range)
@@ -52,9 +51,8 @@ class RingStrategy(Strategy):
                     ks = kv[:, k_off : k_off + k_range[1] - k_range[0]]
                     part = attend_counted(qs, ks[..., :d], ks[..., d:], causal, metrics)
                     acc[i] = part if acc[i] is None else merge_partials([acc[i], part])
-            if transfers:
-                kv, owner = transfers[0].wait(), source
-                transfers[1].wait()
+            if transfer is not None:
+                kv, owner = transfer.wait(), source
         return torch.cat([a[0].to(q.dtype) for a in acc if a is not None], dim=1)
 
 
