@@ -92,3 +92,22 @@ def test_merge_rejects_nothing_and_returns_fp32():
     parts, _ = _partials([2, 2])
     out, lse = merge_partials([(o.float(), l.float()) for o, l in parts])
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_path_in_chunks_and_fallback(monkeypatch, causal):
+    """The plain-math path (used for dtypes/devices without a fused kernel) and the fall-through on refusal."""
+    from apbv.attention import kernels
+
+    def refuses(*args):
+        raise RuntimeError("no kernel for this input")
+
+    monkeypatch.setattr(kernels, "_MATH_ELEMENTS", 4 * 9 * 3)  # 3 query rows per step
+    monkeypatch.setattr(kernels, "_backends", lambda q: [("refuses", refuses)])
+    monkeypatch.setattr(kernels, "_usable", {})
+    q, k, v = _qkv(4, 2, 9, 9, 8, torch.float64, seed=5)
+    out, lse = attend(q, k, v, causal)
+    ref_out, ref_lse = masked_attention(q, k, v, causal_mask(9, 9) if causal else torch.ones(1, 9, 9, dtype=torch.bool))
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    assert kernels._usable == {("refuses", torch.float64, 8): False}  # not tried again

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
-_MATH_CHUNK = 1024  # query rows per step of the plain-math path (bounds its memory)
+_MATH_ELEMENTS = 1 << 26  # score elements per step of the plain-math path (bounds its memory)
 
 # (backend name, dtype, head_dim) -> False once a backend refused such a call (then it is not tried again)
 _usable: dict[tuple[str, torch.dtype, int], bool] = {}
@@ -156,9 +156,10 @@ def _math(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[
     group = q.shape[0] // k.shape[0]
     kf = k.to(acc).repeat_interleave(group, dim=0)
     vf = v.to(acc).repeat_interleave(group, dim=0)
+    step = max(1, _MATH_ELEMENTS // (q.shape[0] * k.shape[1]))
     outs, lses = [], []
-    for start in range(0, q.shape[1], _MATH_CHUNK):
-        qc = q[:, start : start + _MATH_CHUNK].to(acc)
+    for start in range(0, q.shape[1], step):
+        qc = q[:, start : start + step].to(acc)
         scores = torch.matmul(qc, kf.transpose(1, 2)) * scale
         if causal:
             rows = torch.arange(start, start + qc.shape[1], device=q.device)
