@@ -233,3 +233,13 @@ def test_dense_strategy_and_single_rank_decode():
     assert metrics.counters["attn_pairs"] == c.heads[0] * s * (s + 1) // 2
     one = distributed_attention(q[:, -1:], k, v, Comm.single(), metrics)
     _close(one, masked_attention(q[:, -1:], k, v, torch.ones(1, 1, s, dtype=torch.bool))[0], c.dtype)
+
+
+def test_mismatched_inputs_fail_fast():
+    c = CASES[0]
+    q, k, v = c.inputs()
+    strategy = get_strategy(c.config("apbv"))
+    with pytest.raises(ValueError, match="plan for 2 ranks"):
+        strategy.prefill(q, k, v, strategy.plan(c.n, c.lq, 2), 0, Comm.single(), MetricsRecorder(0, "cpu"))
+    with pytest.raises(ValueError, match="local rows"):
+        strategy.prefill(q[:, 1:], k[:, 1:], v[:, 1:], strategy.plan(c.n, c.lq, 1), 0, Comm.single(), MetricsRecorder(0, "cpu"))

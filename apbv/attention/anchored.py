@@ -50,6 +50,7 @@ class AnchoredStrategy(Strategy):
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, plan: AnchoredPlan, layer_idx: int, comm: Comm, metrics: MetricsRecorder
     ) -> Tensor:
+        self.check_inputs(q, k, plan, comm)
         rank, anchor, d = comm.rank, plan.anchor_len, q.shape[-1]
         query_start = q.shape[1] - plan.n_query
         counts = plan.selection_counts(self.budget(plan.n_context, layer_idx))

@@ -63,6 +63,18 @@ class Strategy(ABC):
     ) -> Tensor:
         """Attention output (Hq, S_local, D) in q.dtype for this rank's local rows (q, k, v in local order)."""
 
+    @staticmethod
+    def check_inputs(q: Tensor, k: Tensor, plan: SequencePlan, comm: Comm) -> None:
+        """Fail fast (instead of hanging in a collective) when inputs, plan and group disagree."""
+        if plan.world_size != comm.world_size:
+            raise ValueError(f"plan for {plan.world_size} ranks used on a group of {comm.world_size}")
+        expected = plan.ranks[comm.rank].length
+        if q.shape[1] != expected or k.shape[1] != expected or q.shape[0] % k.shape[0]:
+            raise ValueError(
+                f"rank {comm.rank} expects {expected} local rows and Hq % Hkv == 0; "
+                f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+
 
 def attend_counted(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, metrics: MetricsRecorder

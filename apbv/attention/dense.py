@@ -21,4 +21,5 @@ class DenseStrategy(Strategy):
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, plan: SequencePlan, layer_idx: int, comm: Comm, metrics: MetricsRecorder
     ) -> Tensor:
+        self.check_inputs(q, k, plan, comm)
         return attend_counted(q, k, v, True, metrics)[0]

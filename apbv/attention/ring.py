@@ -30,6 +30,7 @@ class RingStrategy(Strategy):
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, plan: RingPlan, layer_idx: int, comm: Comm, metrics: MetricsRecorder
     ) -> Tensor:
+        self.check_inputs(q, k, plan, comm)
         rank, world, d = comm.rank, plan.world_size, q.shape[-1]
         mine = _local_chunks(plan, rank)
         acc: list[tuple[Tensor, Tensor] | None] = [None] * len(mine)
