@@ -17,14 +17,16 @@ BF16_TOL = 2e-2  # bf16 inputs and outputs: ~3 significant digits
 
 def _qkv(hq, hkv, sq, sk, d=128):
     g = torch.Generator(device="cuda").manual_seed(0)
-    return (torch.randn(h, s, d, generator=g, device="cuda", dtype=torch.bfloat16) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+    shapes = ((hq, sq), (hkv, sk), (hkv, sk))
+    return (torch.randn(h, s, d, generator=g, device="cuda", dtype=torch.bfloat16) for h, s in shapes)
 
 
 @pytest.mark.parametrize("heads", [(16, 2), (4, 4)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_each_backend_is_correct_when_it_runs(heads, causal):
     q, k, v = _qkv(*heads, 200, 200)
-    ref_out, ref_lse = masked_attention(q.cpu(), k.cpu(), v.cpu(), causal_mask(200, 200) if causal else torch.ones(1, 200, 200, dtype=torch.bool))
+    mask = causal_mask(200, 200) if causal else torch.ones(1, 200, 200, dtype=torch.bool)
+    ref_out, ref_lse = masked_attention(q.cpu(), k.cpu(), v.cpu(), mask)
     ran = []
     for name, fn in kernels._backends(q):
         try:
