@@ -1,0 +1,171 @@
+"""Attention with log-sum-exp on the best available kernel, and the one LSE merge used everywhere.
+
+Convention: q (Hq, Sq, D), k/v (Hkv, Sk, D), Hq % Hkv == 0, contiguous GQA grouping. `lse` is the natural-log
+sum of exp(scaled scores) per query row, in float32 (float64 when the inputs are float64, so that float64 tests
+can check exactness tightly). Rows that see no key get out 0 and lse -inf.
+
+`causal` is bottom-right aligned (FlashAttention >= 2.1): row i sees key j iff j <= i + (Sk - Sq). PyTorch's
+`is_causal` is top-left aligned, so a rectangular causal call is split into a non-causal prefix and a causal
+square, merged by lse.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+try:  # optional: the flash-attn package (CUDA only); never required
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_attn_func = None
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16)
+_MATH_ELEMENTS = 1 << 26  # score elements per step of the plain-math path (bounds its memory)
+
+# (backend name, dtype, head_dim) -> False once a backend refused such a call (then it is not tried again)
+_usable: dict[tuple[str, torch.dtype, int], bool] = {}
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of lse and merges: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax attention of q over (k, v); returns (out (Hq, Sq, D) in q.dtype, lse (Hq, Sq))."""
+    hq, sq, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if not causal:
+        return _full(q, k, v, scale)
+    if sq > sk:  # the first sq - sk rows see nothing, the rest form a causal square
+        blind = sq - sk
+        out, lse = _full(q[:, blind:], k, v, scale, causal=True)
+        empty_out, empty_lse = _empty(q[:, :blind], lse.dtype)
+        return torch.cat([empty_out, out], dim=1), torch.cat([empty_lse, lse], dim=1)
+    prefix = sk - sq
+    square = _full(q, k[:, prefix:], v[:, prefix:], scale, causal=True)
+    if prefix == 0:
+        return square
+    out, lse = merge_partials([_full(q, k[:, :prefix], v[:, :prefix], scale), square])
+    return out.to(q.dtype), lse
+
+
+def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Fold-left merge of attention partials over disjoint key sets (max-shifted, never NaN).
+
+    Returns (out, lse) in float32 (float64 if any part is float64). (0, -inf) is an exact identity.
+    """
+    if not parts:
+        raise ValueError("merge_partials needs at least one partial")
+    acc_dtype = torch.float64 if any(torch.float64 in (o.dtype, l.dtype) for o, l in parts) else torch.float32
+    out, lse = parts[0][0].to(acc_dtype), parts[0][1].to(acc_dtype)
+    for o, l in parts[1:]:
+        o, l = o.to(acc_dtype), l.to(acc_dtype)
+        m = torch.maximum(lse, l)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        w1, w2 = torch.exp(lse - m), torch.exp(l - m)
+        total = w1 + w2
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        out = (w1.unsqueeze(-1) * out + w2.unsqueeze(-1) * o) / safe.unsqueeze(-1)
+        lse = m + torch.log(total)
+    return out, lse
+
+
+def _empty(q: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The partial of rows that see no key: out 0, lse -inf."""
+    return torch.zeros_like(q), torch.full(q.shape[:2], -math.inf, dtype=dtype, device=q.device)
+
+
+def _full(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -> tuple[Tensor, Tensor]:
+    """Non-causal attention, or top-left causal when causal=True (only called with Sq == Sk then)."""
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return _empty(q, lse_dtype(q.dtype))
+    for name, fn in _backends(q):
+        key = (name, q.dtype, q.shape[-1])
+        if not _usable.get(key, True):
+            continue
+        try:
+            out, lse = fn(q, k, v, causal, scale)
+        except RuntimeError:  # this build/GPU has no such kernel for these inputs: remember and fall through
+            _usable[key] = False
+            continue
+        return out, lse.reshape(q.shape[0], -1)[:, : q.shape[1]].to(lse_dtype(q.dtype))
+    return _math(q, k, v, causal, scale)
+
+
+Backend = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+
+
+def _backends(q: Tensor) -> list[tuple[str, Backend]]:
+    if q.device.type == "cuda" and q.dtype in _FAST_DTYPES:
+        # native GQA first; if a kernel refuses it, the same kernel with KV repeated to Hq heads
+        found: list[tuple[str, Backend]] = [
+            ("cudnn_gqa", partial(_sdpa_cudnn, expand=False)),
+            ("cudnn", partial(_sdpa_cudnn, expand=True)),
+        ]
+        if _flash_attn_func is not None:
+            found.append(("flash_attn", _flash_attn))
+        found += [("sdpa_flash_gqa", partial(_sdpa_flash, expand=False)), ("sdpa_flash", partial(_sdpa_flash, expand=True))]
+        return found
+    if q.device.type == "cpu":
+        return [("cpu_flash", _cpu_flash)]
+    return []
+
+
+def _batched(q: Tensor, k: Tensor, v: Tensor, expand: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(1, H, S, D) views; KV repeated to Hq heads when the kernel does not take GQA."""
+    if expand and k.shape[0] != q.shape[0]:
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+
+
+def _cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    qb, kb, vb = _batched(q, k, v, expand=False)  # takes GQA natively (environment.md)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, causal, scale=scale)
+    return out[0], lse[0]
+
+
+def _sdpa_cudnn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, expand: bool) -> tuple[Tensor, Tensor]:
+    qb, kb, vb = (t.contiguous() for t in _batched(q, k, v, expand))
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0, causal, False, scale=scale)
+    return res[0][0], res[1][0]
+
+
+def _sdpa_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, expand: bool) -> tuple[Tensor, Tensor]:
+    qb, kb, vb = (t.contiguous() for t in _batched(q, k, v, expand))
+    res = torch.ops.aten._scaled_dot_product_flash_attention(qb, kb, vb, 0.0, causal, False, scale=scale)
+    return res[0][0], res[1][0]
+
+
+def _flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    # flash-attn layout is (B, S, H, D); it takes GQA natively (causal is only used on squares here)
+    qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out, lse, _ = _flash_attn_func(qb, kb, vb, 0.0, scale, causal, return_attn_probs=True)
+    return out[0].transpose(0, 1), lse[0]
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Plain softmax in (at least) float32, chunked over query rows; any device and dtype."""
+    acc = lse_dtype(q.dtype)
+    group = q.shape[0] // k.shape[0]
+    kf = k.to(acc).repeat_interleave(group, dim=0)
+    vf = v.to(acc).repeat_interleave(group, dim=0)
+    step = max(1, _MATH_ELEMENTS // (q.shape[0] * k.shape[1]))
+    outs, lses = [], []
+    for start in range(0, q.shape[1], step):
+        qc = q[:, start : start + step].to(acc)
+        scores = torch.matmul(qc, kf.transpose(1, 2)) * scale
+        if causal:
+            rows = torch.arange(start, start + qc.shape[1], device=q.device)
+            hidden = torch.arange(k.shape[1], device=q.device)[None, :] > rows[:, None]
+            scores = scores.masked_fill(hidden, -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vf))
+        lses.append(lse)
+    return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=1)

@@ -1,0 +1,139 @@
+"""Micro-benchmark: one prefill attention layer per strategy on random inputs.
+
+    python -m apbv.bench.attention --tokens 4096 --world-size 4 [--query-tokens 16] [--dtype bf16]
+        [--device cuda] [--strategies dense,ring,star,apb,apbv] [--repeats 3] [--json out.json]
+
+--tokens is the context length N (the query adds --query-tokens). All W ranks run as threads on one device, one
+after another (apbv.bench.threads), so multi-rank timings are "projected (sequential ranks, no communication)":
+per-rank compute time only. Dense runs on one rank and is measured as is. Only per-rank buffers are allocated
+(nothing quadratic), so --tokens 148480 --world-size 8 fits on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from apbv.attention import get_strategy
+from apbv.config import STRATEGIES, AttentionConfig
+from apbv.metrics import MetricsRecorder
+
+from .threads import ThreadWorld
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROJECTED = "projected (sequential ranks, no communication)"
+
+
+@dataclass
+class Row:
+    strategy: str
+    world_size: int
+    slowest_rank_s: float
+    mean_rank_s: float
+    speedup_vs_dense: float | None
+    attn_pairs_per_rank: list[float]
+    pair_balance: float  # max/mean of attn_pairs over ranks
+    time_balance: float  # max/mean of rank time
+    bytes_per_layer: float  # bytes sent, summed over ranks
+    timing: str
+
+
+def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size: int, args) -> Row:
+    config = AttentionConfig(name, overlap=True)
+    world_size = 1 if name == "dense" else world_size
+    strategy = get_strategy(config)
+    plan = strategy.plan(n_context, n_query, world_size)
+    device = q.device
+    local = [
+        tuple(t.index_select(1, r.local_to_global.to(device)) for t in (q, k, v)) for r in plan.ranks
+    ]
+    world = ThreadWorld(world_size, device)
+
+    def layer(rank, comm):
+        metrics = MetricsRecorder(rank, device)
+        strategy.prefill(*local[rank], plan, 0, comm, metrics)
+        return dict(metrics.counters)
+
+    world.run(layer)  # warm-up
+    times, counters = [], None
+    for _ in range(args.repeats):
+        counters = world.run(layer)
+        times.append(list(world.busy))
+    per_rank = [statistics.median(t[r] for t in times) for r in range(world_size)]
+    pairs = [c.get("attn_pairs", 0.0) for c in counters]
+    mean_pairs = statistics.mean(pairs)
+    return Row(
+        strategy=name,
+        world_size=world_size,
+        slowest_rank_s=max(per_rank),
+        mean_rank_s=statistics.mean(per_rank),
+        speedup_vs_dense=None,
+        attn_pairs_per_rank=pairs,
+        pair_balance=max(pairs) / mean_pairs if mean_pairs else 1.0,
+        time_balance=max(per_rank) / statistics.mean(per_rank),
+        bytes_per_layer=sum(c.get("bytes_sent", 0.0) for c in counters),
+        timing=PROJECTED if world_size > 1 else "measured",
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, required=True, help="context length N")
+    p.add_argument("--query-tokens", type=int, default=16)
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path")
+    args = p.parse_args(argv)
+
+    names = [s for s in args.strategies.split(",") if s]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    total = args.tokens + args.query_tokens
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    q = torch.randn(args.heads, total, args.head_dim, generator=g, device=device, dtype=dtype)
+    k = torch.randn(args.kv_heads, total, args.head_dim, generator=g, device=device, dtype=dtype)
+    v = torch.randn(args.kv_heads, total, args.head_dim, generator=g, device=device, dtype=dtype)
+
+    rows = [bench_strategy(n, q, k, v, args.tokens, args.query_tokens, args.world_size, args) for n in names]
+    dense = next((r for r in rows if r.strategy == "dense"), None)
+    for r in rows:
+        if dense is not None:
+            r.speedup_vs_dense = dense.slowest_rank_s / r.slowest_rank_s
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    _print_table(rows, args, device_name)
+    if args.json_path:
+        meta = {k: v for k, v in vars(args).items() if k != "json_path"} | {"device_name": device_name}
+        with open(args.json_path, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return rows
+
+
+def _print_table(rows: list[Row], args, device_name: str) -> None:
+    print(
+        f"one attention layer: N={args.tokens} Lq={args.query_tokens} W={args.world_size} "
+        f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} on {device_name}"
+    )
+    print(f"{'strategy':9} {'W':>2} {'slowest ms':>11} {'mean ms':>9} {'speedup':>8} {'pairs/rank':>11} "
+          f"{'pair bal':>8} {'time bal':>8} {'MB/layer':>9}  timing")
+    for r in rows:
+        speedup = f"{r.speedup_vs_dense:.2f}x" if r.speedup_vs_dense else "-"
+        print(
+            f"{r.strategy:9} {r.world_size:>2} {r.slowest_rank_s * 1e3:>11.2f} {r.mean_rank_s * 1e3:>9.2f} "
+            f"{speedup:>8} {statistics.mean(r.attn_pairs_per_rank):>11.3g} {r.pair_balance:>8.3f} "
+            f"{r.time_balance:>8.3f} {r.bytes_per_layer / 1e6:>9.3f}  {r.timing}"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

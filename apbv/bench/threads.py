@@ -1,0 +1,151 @@
+"""W ranks as threads of one process on one device, for projecting multi-GPU timings from a single device.
+
+Collectives and point-to-point transfers are rendezvous points (payloads are shared by reference, never copied,
+so senders must not modify them: the same contract as isend). A device lock lets one rank compute at a time: a
+rank holds it while it runs and hands it over while it waits on communication. The time each rank holds the
+lock (device synchronised before release) is its compute time; communication costs nothing here, which is why
+such timings are "projected (sequential ranks, no communication)".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from apbv.comm import Comm
+
+
+class ThreadWorld:
+    """Shared state of W thread-ranks on one device."""
+
+    def __init__(self, world_size: int, device: torch.device | str = "cpu") -> None:
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.cond = threading.Condition()
+        self.boxes: dict[tuple, dict[int, Tensor]] = {}  # posted payloads of the current `run`
+        self.failed = False
+        self.busy = [0.0] * world_size  # seconds each rank held the device in the last `run`
+        self._device_lock = threading.Lock()
+        self._since = [0.0] * world_size
+
+    def run(self, fn: Callable[[int, "ThreadComm"], Any]) -> list[Any]:
+        """Run fn(rank, comm) on every rank (one thread each); returns results in rank order, re-raises failures."""
+        self.busy = [0.0] * self.world_size
+        self.boxes, self.failed = {}, False
+        results: list[Any] = [None] * self.world_size
+        errors: list[BaseException] = []
+
+        def body(rank: int) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.acquire(rank)
+            try:
+                results[rank] = fn(rank, ThreadComm(self, rank))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                errors.append(exc)
+                with self.cond:
+                    self.failed = True
+                    self.cond.notify_all()
+            finally:
+                self.release(rank)
+
+        threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.boxes = {}
+        if errors:
+            raise errors[0]
+        return results
+
+    def acquire(self, rank: int) -> None:
+        self._device_lock.acquire()
+        self._since[rank] = time.perf_counter()
+
+    def release(self, rank: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.busy[rank] += time.perf_counter() - self._since[rank]
+        self._device_lock.release()
+
+
+class ThreadComm(Comm):
+    """One thread-rank's view of a ThreadWorld (same interface as the process-group Comm)."""
+
+    def __init__(self, world: ThreadWorld, rank: int) -> None:
+        self.group = None
+        self.world = world
+        self.rank = rank
+        self.world_size = world.world_size
+        self.device = world.device
+        self._counters: dict[tuple, int] = {}
+
+    def barrier(self) -> None:
+        self._all_gather(torch.zeros(1))()
+
+    def _key(self, *kind: Any) -> tuple:
+        n = self._counters.get(kind, 0)
+        self._counters[kind] = n + 1
+        return (*kind, n)
+
+    def _post(self, key: tuple, tensor: Tensor) -> None:
+        with self.world.cond:
+            self.world.boxes.setdefault(key, {})[self.rank] = tensor
+            self.world.cond.notify_all()
+
+    def _take(self, key: tuple, count: int, consume: bool) -> dict[int, Tensor]:
+        """Wait (without the device) until `count` payloads are posted under `key`."""
+        world = self.world
+
+        def ready() -> bool:
+            return world.failed or len(world.boxes.get(key, ())) >= count
+
+        with world.cond:
+            posted = ready()
+        if not posted:
+            world.release(self.rank)
+            with world.cond:
+                world.cond.wait_for(ready)
+            world.acquire(self.rank)
+        with world.cond:
+            if world.failed:
+                raise RuntimeError("another rank failed")
+            box = world.boxes[key]
+            if consume:
+                del world.boxes[key]
+            return box
+
+    def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
+        key = self._key("gather")
+        self._post(key, tensor)
+
+        def finish() -> list[Tensor]:
+            box = self._take(key, self.world_size, consume=False)
+            return [box[r] for r in range(self.world_size)]
+
+        return finish
+
+    def _broadcast(self, tensor: Tensor, src: int) -> None:
+        if self.rank == src:
+            for dst in range(self.world_size):
+                if dst != src:
+                    self._post(self._key("p2p", src, dst), tensor)
+        else:
+            tensor.copy_(self._take(self._key("p2p", src, self.rank), 1, consume=True)[src])
+
+    def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
+        self._post(self._key("p2p", self.rank, dst), tensor)
+        return lambda: None
+
+    def _irecv(self, buffer: Tensor, src: int) -> Callable[[], object]:
+        key = self._key("p2p", src, self.rank)
+        return lambda: buffer.copy_(self._take(key, 1, consume=True)[src])
+
+    def _sendrecv(self, tensor: Tensor, dst: int, buffer: Tensor, src: int) -> Callable[[], object]:
+        self._isend(tensor, dst)
+        return self._irecv(buffer, src)

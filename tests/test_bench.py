@@ -1,0 +1,81 @@
+"""The in-process thread Comm used by the benchmark reproduces gloo bit for bit; the benchmark CLI runs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from apbv.attention import distributed_attention, get_strategy
+from apbv.bench.attention import PROJECTED, main
+from apbv.bench.threads import ThreadWorld
+from apbv.comm import Comm
+from apbv.config import AttentionConfig
+from apbv.metrics import MetricsRecorder
+
+from .distributed import run_ranks
+
+N, LQ = 181, 4
+
+
+def _outputs(rank: int, comm: Comm) -> dict:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(h, N + LQ, 8, generator=g) for h in (4, 2, 2))
+    outs = {}
+    for name in ("ring", "star", "apb", "apbv"):
+        strategy = get_strategy(AttentionConfig(name, 1 / 16, 1 / 32, align=8))
+        plan = strategy.plan(N, LQ, comm.world_size)
+        idx = plan.ranks[rank].local_to_global
+        metrics = MetricsRecorder(rank, torch.device("cpu"))
+        outs[name] = (strategy.prefill(q[:, idx], k[:, idx], v[:, idx], plan, 0, comm, metrics), dict(metrics.counters))
+    token = comm.broadcast(torch.tensor([rank + 7]), src=1)
+    outs["decode"] = (distributed_attention(q[:, -1:], k[:, rank::3], v[:, rank::3], comm, MetricsRecorder(rank, "cpu")), {})
+    outs["token"] = (token, {})
+    return outs
+
+
+def _gloo(rank: int, world: int) -> dict:
+    return _outputs(rank, Comm())
+
+
+def test_thread_comm_matches_gloo_bitwise():
+    gloo = run_ranks(3, _gloo, timeout=90)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the gloo workers run single-threaded too
+    try:
+        world = ThreadWorld(3)
+        local = world.run(_outputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(b > 0 for b in world.busy)
+    for g_rank, t_rank in zip(gloo, local):
+        assert g_rank.keys() == t_rank.keys()
+        for name in g_rank:
+            assert torch.equal(g_rank[name][0], t_rank[name][0]), name
+            assert g_rank[name][1] == t_rank[name][1], name  # same pairs, flops and bytes
+
+
+def test_thread_world_reports_failures():
+    def fail_on_one(rank, comm):
+        if rank == 1:
+            raise ValueError("boom")
+        return comm.all_gather(torch.zeros(1))
+
+    try:
+        ThreadWorld(3).run(fail_on_one)
+    except ValueError as exc:
+        assert "boom" in str(exc)
+    else:
+        raise AssertionError("the failure was swallowed")
+
+
+def test_benchmark_cli(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--tokens", "300", "--query-tokens", "5", "--world-size", "2", "--heads", "4", "--kv-heads", "1",
+          "--head-dim", "16", "--dtype", "fp32", "--device", "cpu", "--repeats", "1", "--json", str(out)])
+    assert PROJECTED in capsys.readouterr().out
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "ring", "star", "apb", "apbv"}
+    assert rows["dense"]["attn_pairs_per_rank"] == [4 * 305 * 306 / 2] and rows["dense"]["speedup_vs_dense"] == 1.0
+    assert sum(rows["ring"]["attn_pairs_per_rank"]) == rows["dense"]["attn_pairs_per_rank"][0]  # exact: same work
+    assert rows["ring"]["world_size"] == 2 and rows["ring"]["bytes_per_layer"] > 0 and rows["ring"]["timing"] == PROJECTED
