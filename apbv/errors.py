@@ -42,6 +42,12 @@ class EmptyQuestion(InputError):
     code = "empty_question"
 
 
+class InvalidQuestion(InputError):
+    """The question contains tokens that would break the prompt layout (e.g. vision special tokens)."""
+
+    code = "invalid_question"
+
+
 class TooManyTokens(InputError):
     """The prompt exceeds the configured token budget (memory limit)."""
 

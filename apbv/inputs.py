@@ -1,0 +1,226 @@
+"""From (tokenizer, sampled video, question) to Qwen2.5-VL model inputs, without torchvision.
+
+`patchify` reproduces transformers' Qwen2-VL video processor on frames that `apbv.video` already sampled and
+resized (rescale, normalize, temporal patch grouping, merge-aware patch order). `prepare_inputs` applies the
+tokenizer's chat template to one user turn [video, question], expands the single <|video_pad|> to one pad per
+merged patch, and splits the sequence into context (everything up to <|vision_end|>) and query (the question
+plus the closing template tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
+from apbv.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, SampledVideo
+
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
+VIDEO_TOKEN_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2 (transformers' ProcessorMixin)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The Qwen2-VL / Qwen2.5-VL chat template: default system turn, one <|vision_start|><|X_pad|><|vision_end|> per
+# image or video item, text items verbatim, "<|im_start|>assistant\n" on add_generation_prompt.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)  # fmt: skip
+
+# Checkpoint files read by ProcessorSpec.from_pretrained, first found wins.
+_CONFIG_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """The video processor's parameters. min/max_pixels: the checkpoint processor's per-frame bounds (default: the
+    video processor's); frames inside them are left unchanged by the official processor, so `patchify`, which never
+    resizes, matches it there. (Real checkpoints store their image bounds, 3136 .. 12845056; `read_video`'s
+    defaults are qwen-vl-utils' video bounds, as the reference harnesses use.)"""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ProcessorSpec:
+        """Read a checkpoint's video_preprocessor_config.json or preprocessor_config.json; defaults if neither."""
+        for name in _CONFIG_FILES:
+            file = Path(path) / name
+            if file.is_file():
+                return cls.from_dict(json.loads(file.read_text()))
+        return cls()
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ProcessorSpec:
+        """Accepts both spellings of the pixel bounds: min/max_pixels and size.shortest/longest_edge."""
+        size = cfg.get("size") or {}
+        values = {
+            "min_pixels": cfg.get("min_pixels", size.get("shortest_edge")),
+            "max_pixels": cfg.get("max_pixels", size.get("longest_edge")),
+            **{k: cfg.get(k) for k in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor")},
+            **{k: tuple(cfg[k]) for k in ("image_mean", "image_std") if k in cfg},
+        }
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        """preprocessor_config.json contents that both this class and transformers' Qwen2-VL processors read."""
+        return {
+            **asdict(self),
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor",
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+        }
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write preprocessor_config.json into a checkpoint directory; returns the file."""
+        file = Path(path) / "preprocessor_config.json"
+        file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return file
+
+    @property
+    def factor(self) -> int:
+        """Frame sides must be multiples of this (28 for Qwen2.5-VL)."""
+        return self.patch_size * self.merge_size
+
+
+@dataclass
+class PreparedInputs:
+    """Model inputs of one request (batch dimension left out). n_context + n_query == len(input_ids)."""
+
+    input_ids: torch.Tensor  # (L,) int64
+    n_context: int  # tokens up to and including <|vision_end|>
+    n_query: int  # question text + <|im_end|>\n<|im_start|>assistant\n
+    pixel_values_videos: torch.Tensor  # (t*h*w, 3*temporal_patch*patch*patch) float32
+    video_grid_thw: torch.Tensor  # (1, 3) int64, in patches
+    second_per_grid_ts: torch.Tensor  # (1,) float32
+    mm_token_type_ids: torch.Tensor  # (L,) int32: 2 on video pads, 0 elsewhere
+    visual_tokens: int
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Batched (B = 1) keyword arguments for a transformers Qwen2.5-VL forward / get_rope_index."""
+        return {
+            "input_ids": self.input_ids[None],
+            "mm_token_type_ids": self.mm_token_type_ids[None],
+            "pixel_values_videos": self.pixel_values_videos,
+            "video_grid_thw": self.video_grid_thw,
+            "second_per_grid_ts": self.second_per_grid_ts,
+        }
+
+
+def patchify(frames: np.ndarray, spec: ProcessorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (T, H, W, 3) uint8, sides multiples of spec.factor -> (pixel_values_videos, video_grid_thw).
+
+    Mirrors Qwen2VLVideoProcessor: odd T is padded by repeating the last frame; rows are ordered
+    (t, h-block, w-block, h-in-block, w-in-block) with merge_size-sized blocks, columns (channel, time, y, x).
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    t, height, width, channels = frames.shape
+    if height % spec.factor or width % spec.factor:
+        raise ValueError(f"frame size {height}x{width} is not a multiple of {spec.factor}; resize with apbv.video")
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    if pad := -t % spec.temporal_patch_size:
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+    # rescale and normalize fused, in float32, as transformers' torch backend does
+    mean = torch.tensor(spec.image_mean) * (1.0 / spec.rescale_factor)
+    std = torch.tensor(spec.image_std) * (1.0 / spec.rescale_factor)
+    video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+
+    p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    grid_t, grid_h, grid_w = video.shape[0] // tp, height // p, width // p
+    patches = video.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+    return pixel_values, torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64)
+
+
+def visual_token_count(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> int:
+    """Number of <|video_pad|> tokens for frames of shape (T, H, W, 3)."""
+    t, height, width = frames_shape[:3]
+    grid_t = -(-t // spec.temporal_patch_size)
+    return grid_t * (height // spec.factor) * (width // spec.factor)
+
+
+def prepare_inputs(
+    tokenizer,
+    video: SampledVideo,
+    question: str,
+    spec: ProcessorSpec,
+    max_tokens: int | None = None,
+) -> PreparedInputs:
+    """Chat-template one user turn [video, question] with add_generation_prompt=True and build model inputs
+    (the tokenizer's own template; the Qwen2.5-VL one if it has none).
+
+    Raises EmptyQuestion (blank question), InvalidQuestion (question holds vision special tokens) and
+    TooManyTokens (prompt longer than max_tokens; checked before the pixels are processed).
+    """
+    if not question or not question.strip():
+        raise EmptyQuestion("the question is empty")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    template = CHAT_TEMPLATE if tokenizer.chat_template is None else None  # checkpoints keeping it elsewhere
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pad_id, start_id, end_id = (_token_id(tokenizer, tok) for tok in (VIDEO_PAD, VISION_START, VISION_END))
+    if ids.count(pad_id) != 1 or ids.count(start_id) != 1 or ids.count(end_id) != 1:
+        raise InvalidQuestion("the question must not contain the special tokens <|vision_start|>, "
+                              "<|video_pad|> or <|vision_end|>")
+
+    visual_tokens = visual_token_count(video.frames.shape, spec)
+    length = len(ids) - 1 + visual_tokens
+    if max_tokens is not None and length > max_tokens:
+        raise TooManyTokens(
+            f"the prompt has {length} tokens ({visual_tokens} visual), more than the limit of {max_tokens}; "
+            "use fewer frames or a lower resolution"
+        )
+    pad_at = ids.index(pad_id)
+    input_ids = torch.tensor(ids[:pad_at] + [pad_id] * visual_tokens + ids[pad_at + 1 :], dtype=torch.int64)
+    n_context = int((input_ids == end_id).nonzero()[0, 0]) + 1
+    pixel_values, grid_thw = patchify(video.frames, spec)
+    return PreparedInputs(
+        input_ids=input_ids,
+        n_context=n_context,
+        n_query=length - n_context,
+        pixel_values_videos=pixel_values,
+        video_grid_thw=grid_thw,
+        second_per_grid_ts=torch.tensor([spec.temporal_patch_size / video.sample_fps], dtype=torch.float32),
+        mm_token_type_ids=((input_ids == pad_id) * VIDEO_TOKEN_TYPE).to(torch.int32),
+        visual_tokens=visual_tokens,
+    )
+
+
+def _token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token} token; is it a Qwen2.5-VL tokenizer?")
+    return token_id

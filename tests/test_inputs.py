@@ -1,0 +1,183 @@
+"""apbv.inputs: patchify against transformers' own code, prompt layout, errors, 3-D rope positions."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
+from apbv.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, patchify, prepare_inputs
+from apbv.video import SampledVideo, estimate_visual_tokens
+
+SPEC = ProcessorSpec()
+CLOSING = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def random_frames(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def sampled(frames: np.ndarray, sample_fps: float = 2.0) -> SampledVideo:
+    return SampledVideo(frames, sample_fps=sample_fps, source_fps=30.0, duration_s=10.0, source_path=None)
+
+
+def test_patchify_matches_transformers_image_processor():
+    """A video whose frames come in identical pairs is, patch by patch, a list of images (the image processor
+    repeats each image over the temporal patch)."""
+    hf = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    images = random_frames(3, 56, 84)
+    pixel_values, grid = patchify(np.repeat(images, 2, axis=0), SPEC)
+    ref = hf.Qwen2VLImageProcessorPil()(list(images), do_resize=False, return_tensors="np")
+    assert grid.tolist() == [[3, 4, 6]] and grid.dtype == torch.int64
+    assert pixel_values.dtype == torch.float32 and pixel_values.shape == (3 * 4 * 6, 3 * 2 * 14 * 14)
+    assert ref["image_grid_thw"].tolist() == [[1, 4, 6]] * 3
+    assert np.abs(pixel_values.numpy() - ref["pixel_values"]).max() < 1e-6
+
+
+def _transformers_video_patchify():
+    """Qwen2VLVideoProcessor.patchify, compiled from the installed transformers source (the module itself needs
+    torchvision to import)."""
+    spec = importlib.util.find_spec("transformers.models.qwen2_vl.video_processing_qwen2_vl")
+    tree = ast.parse(open(spec.origin).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "patchify")
+    fn.returns = None
+    for arg in fn.args.args:
+        arg.annotation = None
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), spec.origin, "exec"), namespace)
+    return namespace["patchify"]
+
+
+@pytest.mark.parametrize("t", [4, 5])  # 5: padded by repeating the last frame
+def test_patchify_matches_transformers_video_processor(t):
+    frames = random_frames(t, 84, 112, seed=t)
+    pixel_values, grid = patchify(frames, SPEC)
+    # independent rescale + normalize in float64, then transformers' own patch ordering
+    x = (frames.astype(np.float64) / 255 - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
+    videos = torch.from_numpy(x).permute(0, 3, 1, 2)[None]
+    ref, grid_t, grid_h, grid_w = _transformers_video_patchify()(None, videos, 14, 2, 2)
+    assert grid.tolist() == [[grid_t, grid_h, grid_w]] == [[(t + 1) // 2, 6, 8]]
+    assert torch.allclose(pixel_values.double(), ref[0], atol=1e-6, rtol=0)
+
+
+def test_patchify_rejects_unresized_frames():
+    with pytest.raises(ValueError, match="multiple of 28"):
+        patchify(random_frames(2, 50, 56), SPEC)
+
+
+def test_processor_spec_from_pretrained(tmp_path):
+    assert ProcessorSpec.from_pretrained(tmp_path) == ProcessorSpec()
+    # the real Qwen2.5-VL preprocessor_config.json's fields
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    }))  # fmt: skip
+    assert ProcessorSpec.from_pretrained(tmp_path) == ProcessorSpec(min_pixels=3136, max_pixels=12845056)
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 1000, "longest_edge": 2000}, "temporal_patch_size": 2})
+    )
+    assert ProcessorSpec.from_pretrained(tmp_path) == ProcessorSpec(min_pixels=1000, max_pixels=2000)
+
+
+def test_processor_spec_round_trip(tmp_path):
+    spec = ProcessorSpec(min_pixels=3136, max_pixels=28 * 28 * 64, image_mean=(0.5, 0.5, 0.5))
+    spec.save_pretrained(tmp_path)
+    assert ProcessorSpec.from_pretrained(tmp_path) == spec
+
+
+QUESTION = "What color was the shape shown in the video? Answer with one word."
+
+
+def test_prompt_layout(tokenizer):
+    frames = random_frames(6, 56, 84)
+    p = prepare_inputs(tokenizer, sampled(frames, sample_fps=4.0), QUESTION, SPEC)
+    ids = p.input_ids.tolist()
+    pad, start, end = tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    assert p.visual_tokens == 3 * 4 * 6 // 4 == ids.count(pad)
+    assert p.visual_tokens == estimate_visual_tokens(56, 84, 6, min_pixels=28 * 28)
+    assert p.input_ids.dtype == torch.int64 and p.input_ids.ndim == 1
+    assert p.n_context + p.n_query == len(ids)
+    assert ids[p.n_context - 1] == end and ids[p.n_context - p.visual_tokens - 2] == start
+    # the query is the question plus the closing template tokens, tokenized on its own (the harness' method)
+    assert ids[p.n_context :] == tokenizer.encode(QUESTION + CLOSING, add_special_tokens=False)
+    assert tokenizer.decode(ids[p.n_context :]) == QUESTION + CLOSING
+    # Qwen2_5_VLProcessor's way: expand the pad in the templated text, then tokenize
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    assert ids == tokenizer.encode(text.replace("<|video_pad|>", "<|video_pad|>" * p.visual_tokens))
+    assert p.mm_token_type_ids.dtype == torch.int32
+    assert p.mm_token_type_ids.tolist() == [2 if i == pad else 0 for i in ids]
+    assert p.video_grid_thw.tolist() == [[3, 4, 6]]
+    assert p.second_per_grid_ts.tolist() == [0.5]  # temporal_patch_size / sample_fps
+    assert torch.equal(p.pixel_values_videos, patchify(frames, SPEC)[0])
+
+
+def test_speed_test_prompt_sizes(tokenizer):
+    """Spec §1.1: a 14-token system turn and user header, an 11-token query for the speed-test question."""
+    p = prepare_inputs(tokenizer, sampled(random_frames(2, 28, 28)), "What is in this video?", SPEC)
+    assert p.n_context == 14 + 1 + 1 + 1 and p.n_query == 11
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n\t "])
+def test_empty_question(tokenizer, question):
+    with pytest.raises(EmptyQuestion):
+        prepare_inputs(tokenizer, sampled(random_frames(2, 28, 28)), question, SPEC)
+
+
+def test_question_with_vision_tokens(tokenizer):
+    with pytest.raises(InvalidQuestion):
+        prepare_inputs(tokenizer, sampled(random_frames(2, 28, 28)), "what is <|video_pad|>?", SPEC)
+
+
+def test_too_many_tokens(tokenizer):
+    video = sampled(random_frames(4, 112, 112))  # 2 * 16 = 32 visual tokens
+    length = prepare_inputs(tokenizer, video, "Why?", SPEC).input_ids.numel()
+    assert prepare_inputs(tokenizer, video, "Why?", SPEC, max_tokens=length).input_ids.numel() == length
+    with pytest.raises(TooManyTokens) as info:
+        prepare_inputs(tokenizer, video, "Why?", SPEC, max_tokens=length - 1)
+    message = str(info.value)
+    assert str(length) in message and str(length - 1) in message and "fewer frames" in message
+
+
+def test_get_rope_index_gives_3d_video_positions(tokenizer, tiny_model):
+    """The installed transformers' get_rope_index on PreparedInputs: video tokens get (t, row, col) positions
+    (spec §1.5), text continues from the largest position + 1."""
+    t, h, w = 4, 56, 84
+    p = prepare_inputs(tokenizer, sampled(random_frames(t, h, w), sample_fps=2.0), "Why?", SPEC)
+    kw = p.model_kwargs()
+    pos, delta = tiny_model.model.get_rope_index(
+        kw["input_ids"], kw["mm_token_type_ids"], video_grid_thw=kw["video_grid_thw"],
+        second_per_grid_ts=kw["second_per_grid_ts"],
+    )  # fmt: skip
+    pos = pos[:, 0]
+    first = p.n_context - 1 - p.visual_tokens
+    start = first  # text before the video counts 0 .. first-1
+    assert torch.equal(pos[:, :first], torch.arange(first).expand(3, -1))
+    interval = tiny_model.config.vision_config.tokens_per_second * p.second_per_grid_ts.item()
+    tt, rr, cc = torch.meshgrid(torch.arange(t // 2), torch.arange(h // 28), torch.arange(w // 28), indexing="ij")
+    expected = torch.stack([(tt * interval).long(), rr, cc]).reshape(3, -1) + start
+    assert torch.equal(pos[:, first : first + p.visual_tokens], expected)
+    after = expected.max() + 1
+    tail = pos[:, p.n_context - 1 :]
+    assert torch.equal(tail, (torch.arange(tail.shape[1]) + after).expand(3, -1))
+    assert delta.item() == pos.max().item() + 1 - p.input_ids.numel()
+
+
+def test_tokenizer_without_chat_template_gets_qwen_template(tokenizer):
+    """Some checkpoints keep the template in the processor's chat_template.json only."""
+    from apbv.model.tiny import build_tokenizer
+
+    bare = build_tokenizer()
+    bare.chat_template = None
+    video = sampled(random_frames(2, 28, 56))
+    expected = prepare_inputs(tokenizer, video, QUESTION, SPEC).input_ids
+    assert torch.equal(prepare_inputs(bare, video, QUESTION, SPEC).input_ids, expected)
