@@ -1,4 +1,5 @@
-"""Shared fixtures: MP4s and bad files written by the tests themselves, the tiny tokenizer and checkpoint."""
+"""Shared fixtures: MP4s and bad files written by the tests themselves, the tiny tokenizer and checkpoint,
+recorded engine results, and the real engine pool (embedded model, CPU, 2 ranks)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,19 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never touch the network
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from apbv.engine.api import Result  # noqa: E402
 from apbv.synthetic import write_mp4  # noqa: E402
+from ui.examples import load_examples  # noqa: E402
+
+RECORDED = Path(__file__).parent / "data" / "recorded_results.json"
 
 SOURCE_FRAMES = 40
 SOURCE_FPS = 8.0
@@ -93,3 +100,28 @@ def tiny_model(tiny_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir).eval()
+
+
+def load_recorded(path: Path = RECORDED) -> list[Result]:
+    """The results in a recording written by `python -m tests.data.record_results`."""
+    return [Result.from_dict(d) for d in json.loads(path.read_text())["results"]]
+
+
+@pytest.fixture(scope="session")
+def recorded() -> list[Result]:
+    return load_recorded()
+
+
+@pytest.fixture(scope="session")
+def example_video() -> str:
+    """The first bundled example video (assets/examples/)."""
+    return load_examples()[0].video
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator:
+    """The real engine pool: embedded default model, CPU, 2 ranks."""
+    from apbv.engine.pool import EnginePool
+
+    with EnginePool(world_size=2, device="cpu") as p:
+        yield p
