@@ -113,15 +113,13 @@ class Comm:
 
         return Handle(wait, metrics)
 
-    def broadcast(self, tensor: Tensor, src: int = 0, metrics: MetricsRecorder = _NULL) -> Tensor:
-        """Overwrite `tensor` on every rank with rank `src`'s value (in place); returns it."""
+    def all_reduce_max(self, tensor: Tensor, metrics: MetricsRecorder = _NULL) -> Tensor:
+        """Element-wise maximum over ranks, in place (used to share a sampled token and a stop flag per step)."""
         nbytes = tensor.numel() * tensor.element_size()
-        if self.rank == src:
-            metrics.add("bytes_sent", nbytes * (self.world_size - 1))
-        else:
-            metrics.add("bytes_recv", nbytes)
+        metrics.add("bytes_sent", nbytes * (self.world_size - 1))
+        metrics.add("bytes_recv", nbytes * (self.world_size - 1))
         with metrics.timed(COMM_WAIT):
-            self._broadcast(tensor, src)
+            self._all_reduce_max(tensor)
         return tensor
 
     def barrier(self) -> None:
@@ -140,8 +138,8 @@ class Comm:
 
         return finish
 
-    def _broadcast(self, tensor: Tensor, src: int) -> None:
-        dist.broadcast(tensor, group=self.group, group_src=src)
+    def _all_reduce_max(self, tensor: Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
 
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
         return dist.isend(tensor, group=self.group, group_dst=dst).wait
@@ -172,7 +170,7 @@ class SingleRankComm(Comm):
     def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
         return lambda: [tensor]
 
-    def _broadcast(self, tensor: Tensor, src: int) -> None:
+    def _all_reduce_max(self, tensor: Tensor) -> None:
         pass
 
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:

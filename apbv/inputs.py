@@ -114,18 +114,25 @@ class ProcessorSpec:
         return self.patch_size * self.merge_size
 
 
-@dataclass
-class PreparedInputs:
-    """Model inputs of one request (batch dimension left out). n_context + n_query == len(input_ids)."""
+@dataclass(frozen=True)
+class Prompt:
+    """The tokenised prompt of one request, without pixels (batch dimension left out); small enough to send to
+    every rank. n_context + n_query == len(input_ids)."""
 
     input_ids: torch.Tensor  # (L,) int64
     n_context: int  # tokens up to and including <|vision_end|>
     n_query: int  # question text + <|im_end|>\n<|im_start|>assistant\n
-    pixel_values_videos: torch.Tensor  # (t*h*w, 3*temporal_patch*patch*patch) float32
     video_grid_thw: torch.Tensor  # (1, 3) int64, in patches
     second_per_grid_ts: torch.Tensor  # (1,) float32
     mm_token_type_ids: torch.Tensor  # (L,) int32: 2 on video pads, 0 elsewhere
     visual_tokens: int
+
+
+@dataclass(frozen=True)
+class PreparedInputs(Prompt):
+    """A Prompt with the pixels of every frame (single-process use; ranks patchify their own frames)."""
+
+    pixel_values_videos: torch.Tensor = None  # (t*h*w, 3*temporal_patch*patch*patch) float32
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Batched (B = 1) keyword arguments for a transformers Qwen2.5-VL forward / get_rope_index."""
@@ -165,11 +172,16 @@ def patchify(frames: np.ndarray, spec: ProcessorSpec) -> tuple[torch.Tensor, tor
     return pixel_values, torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64)
 
 
-def visual_token_count(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> int:
-    """Number of <|video_pad|> tokens for frames of shape (T, H, W, 3)."""
+def video_grid(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> torch.Tensor:
+    """video_grid_thw (1, 3) in patches for frames of shape (T, H, W, 3), as `patchify` returns it."""
     t, height, width = frames_shape[:3]
     grid_t = -(-t // spec.temporal_patch_size)
-    return grid_t * (height // spec.factor) * (width // spec.factor)
+    return torch.tensor([[grid_t, height // spec.patch_size, width // spec.patch_size]], dtype=torch.int64)
+
+
+def visual_token_count(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> int:
+    """Number of <|video_pad|> tokens for frames of shape (T, H, W, 3)."""
+    return int(video_grid(frames_shape, spec).prod()) // spec.merge_size**2
 
 
 def prepare_inputs(
@@ -179,7 +191,20 @@ def prepare_inputs(
     spec: ProcessorSpec,
     max_tokens: int | None = None,
 ) -> PreparedInputs:
-    """Chat-template one user turn [video, question] with add_generation_prompt=True and build model inputs
+    """`build_prompt` plus the pixels of every frame."""
+    prompt = build_prompt(tokenizer, video, question, spec, max_tokens)
+    pixel_values, _ = patchify(video.frames, spec)
+    return PreparedInputs(**vars(prompt), pixel_values_videos=pixel_values)
+
+
+def build_prompt(
+    tokenizer,
+    video: SampledVideo,
+    question: str,
+    spec: ProcessorSpec,
+    max_tokens: int | None = None,
+) -> Prompt:
+    """Chat-template one user turn [video, question] with add_generation_prompt=True and tokenise it
     (the tokenizer's own template; the Qwen2.5-VL one if it has none).
 
     Raises EmptyQuestion (blank question), InvalidQuestion (question holds vision special tokens) and
@@ -206,13 +231,11 @@ def prepare_inputs(
     pad_at = ids.index(pad_id)
     input_ids = torch.tensor(ids[:pad_at] + [pad_id] * visual_tokens + ids[pad_at + 1 :], dtype=torch.int64)
     n_context = int((input_ids == end_id).nonzero()[0, 0]) + 1
-    pixel_values, grid_thw = patchify(video.frames, spec)
-    return PreparedInputs(
+    return Prompt(
         input_ids=input_ids,
         n_context=n_context,
         n_query=length - n_context,
-        pixel_values_videos=pixel_values,
-        video_grid_thw=grid_thw,
+        video_grid_thw=video_grid(video.frames.shape, spec),
         second_per_grid_ts=torch.tensor([spec.temporal_patch_size / video.sample_fps], dtype=torch.float32),
         mm_token_type_ids=((input_ids == pad_id) * VIDEO_TOKEN_TYPE).to(torch.int32),
         visual_tokens=visual_tokens,

@@ -28,7 +28,7 @@ def _outputs(rank: int, comm: Comm) -> dict:
         idx = plan.ranks[rank].local_to_global
         metrics = MetricsRecorder(rank, torch.device("cpu"))
         outs[name] = (strategy.prefill(q[:, idx], k[:, idx], v[:, idx], plan, 0, comm, metrics), dict(metrics.counters))
-    token = comm.broadcast(torch.tensor([rank + 7]), src=1)
+    token = comm.all_reduce_max(torch.tensor([rank + 7, -rank]))
     outs["decode"] = (distributed_attention(q[:, -1:], k[:, rank::3], v[:, rank::3], comm, MetricsRecorder(rank, "cpu")), {})
     outs["token"] = (token, {})
     return outs

@@ -27,7 +27,7 @@ def _exercise(rank: int, world: int) -> dict:
     from_left = recv.wait()
     send.wait()
     ring = comm.sendrecv_async(torch.full((2,), rank * 1.0), (rank + 1) % world, torch.empty(2), (rank - 1) % world, metrics)
-    token = comm.broadcast(torch.tensor([rank + 100]), src=2, metrics=metrics)
+    token = comm.all_reduce_max(torch.tensor([rank + 100, -rank]), metrics=metrics)
     sub = dist.new_group([0, 1])  # every rank must create the group; only members use it
     in_sub = None
     if rank < 2:
@@ -53,15 +53,15 @@ def test_comm_on_three_gloo_ranks():
         assert [t.item() for t in res["async"]] == [0.0, 10.0, 20.0]
         assert torch.equal(res["from_left"], torch.full((3,), float((rank - 1) % 3)))
         assert torch.equal(res["ring"], torch.full((2,), float((rank - 1) % 3)))
-        assert res["token"].item() == 102
+        assert res["token"].tolist() == [102, 0]  # element-wise max over ranks
         if rank < 2:
             sub_rank, sub_world, sub_gathered = res["sub"]
             assert (sub_rank, sub_world) == (rank, 2) and [t.item() for t in sub_gathered] == [0.5, 1.5]
         counters = res["metrics"].counters
         padded = 2 * max(SIZES) * 4 * 4  # bytes of one padded payload
-        broadcast = 8 * (2 if rank == 2 else 0), 8 * (0 if rank == 2 else 1)
-        assert counters["bytes_sent"] == 2 * padded + 2 * 4 + 12 + 8 + broadcast[0]
-        assert counters["bytes_recv"] == 2 * padded + 2 * 4 + 12 + 8 + broadcast[1]
+        reduced = 2 * 16  # two int64 values to and from each of the 2 peers
+        assert counters["bytes_sent"] == 2 * padded + 2 * 4 + 12 + 8 + reduced
+        assert counters["bytes_recv"] == 2 * padded + 2 * 4 + 12 + 8 + reduced
         assert COMM_WAIT in res["metrics"].totals
 
 
@@ -71,4 +71,4 @@ def test_single_rank_comm_is_identity():
     assert (comm.rank, comm.world_size) == (0, 1)
     for got in (comm.all_gather(t), comm.all_gather_async(t).wait()):
         assert len(got) == 1 and torch.equal(got[0], t) and got[0].data_ptr() == t.data_ptr()  # no copy
-    assert comm.broadcast(t) is t
+    assert comm.all_reduce_max(t) is t

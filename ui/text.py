@@ -14,6 +14,7 @@ ERROR_HINTS: dict[str, str] = {
     "bad_input": "The request was rejected; check the video and the settings.",
     "engine": "The engine failed on this request; please try again.",
     "empty_question": "Please type a question about the video.",
+    "invalid_question": "The question contains reserved special tokens; please rephrase it.",
     "video_not_found": "The uploaded video could not be found on the server; please upload it again.",
     "video_unreadable": "This file could not be read as a video. Try an MP4 (H.264) or WebM file.",
     "no_frames": "No frames could be decoded from this video.",

@@ -130,13 +130,11 @@ class ThreadComm(Comm):
 
         return finish
 
-    def _broadcast(self, tensor: Tensor, src: int) -> None:
-        if self.rank == src:
-            for dst in range(self.world_size):
-                if dst != src:
-                    self._post(self._key("p2p", src, dst), tensor)
-        else:
-            tensor.copy_(self._take(self._key("p2p", src, self.rank), 1, consume=True)[src])
+    def _all_reduce_max(self, tensor: Tensor) -> None:
+        key = self._key("max")
+        self._post(key, tensor.clone())
+        box = self._take(key, self.world_size, consume=False)
+        tensor.copy_(torch.stack([box[r] for r in range(self.world_size)]).amax(dim=0))
 
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
         self._post(self._key("p2p", self.rank, dst), tensor)

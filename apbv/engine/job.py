@@ -20,10 +20,10 @@ from apbv.comm import Comm
 from apbv.config import AttentionConfig, Limits
 from apbv.engine.api import Request
 from apbv.errors import InputError, TooFewFrames
-from apbv.inputs import ProcessorSpec, patchify, prepare_inputs
+from apbv.inputs import ProcessorSpec, Prompt, build_prompt, patchify
 from apbv.metrics import READ, MetricsRecorder
 from apbv.model.generate import SamplingParams, VideoShard, generate
-from apbv.model.qwen2_5_vl import PromptTensors, QwenVLRank
+from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.video import read_video
 
 
@@ -35,7 +35,7 @@ class JobHeader:
     world_size: int
     attention: AttentionConfig
     sampling: SamplingParams
-    prompt: PromptTensors
+    prompt: Prompt
     frame_shape: tuple[int, int, int]  # (H, W, 3) of every sampled frame
     patch_ranges: tuple[tuple[int, int], ...]  # temporal patches [start, end) per rank
     visual_tokens: int
@@ -74,23 +74,15 @@ def prepare_job(
             max_frames=limits.max_frames,
             **({"max_pixels": request.max_pixels} if request.max_pixels else {}),
         )
-        inputs = prepare_inputs(tokenizer, video, request.question, spec, max_tokens=limits.max_visual_tokens)
-    temporal_patches = int(inputs.video_grid_thw[0, 0])
+        prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_visual_tokens)
+    temporal_patches = int(prompt.video_grid_thw[0, 0])
     if temporal_patches < world_size:
         raise TooFewFrames(
             f"{world_size} ranks need at least {2 * world_size} frames ({world_size} temporal patches); "
             f"the video gave {2 * temporal_patches}"
         )
     attention = attention_config(request)
-    get_strategy(attention).plan(inputs.n_context, inputs.n_query, world_size)  # raises LayoutError early
-    prompt = PromptTensors(
-        input_ids=inputs.input_ids,
-        mm_token_type_ids=inputs.mm_token_type_ids,
-        video_grid_thw=inputs.video_grid_thw,
-        second_per_grid_ts=inputs.second_per_grid_ts,
-        n_context=inputs.n_context,
-        n_query=inputs.n_query,
-    )
+    get_strategy(attention).plan(prompt.n_context, prompt.n_query, world_size)  # raises LayoutError early
     ranges = tuple((r.start, r.stop) for r in split_temporal_patches(temporal_patches, world_size))
     header = JobHeader(
         request_id=request_id,
@@ -106,7 +98,7 @@ def prepare_job(
         prompt=prompt,
         frame_shape=tuple(video.frames.shape[1:]),
         patch_ranges=ranges,
-        visual_tokens=inputs.visual_tokens,
+        visual_tokens=prompt.visual_tokens,
     )
     return header, video.frames
 

@@ -27,6 +27,7 @@ from apbv import errors
 from apbv.config import STRATEGIES
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.worker import EXIT_OUT_OF_MEMORY
+from apbv.model.loading import default_model_path
 from apbv.errors import (
     ApbvError,
     Busy,
@@ -196,9 +197,8 @@ class EnginePool:
                     "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.world_size)))}
         if self.device == "cpu":
             base["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen]
-        if self.model:
-            cmd += ["--model", self.model]
+        model = self.model or str(default_model_path())  # resolved once, before any rank starts
+        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen, "--model", model]
         self._procs = []
         for rank in range(self.world_size):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}

@@ -16,7 +16,8 @@ from apbv.comm import Comm
 from apbv.errors import Cancelled
 from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, MetricsRecorder, NullRecorder
 from apbv.model.cache import ShardedKVCache
-from apbv.model.qwen2_5_vl import PromptTensors, QwenVLRank
+from apbv.inputs import Prompt
+from apbv.model.qwen2_5_vl import QwenVLRank
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class VideoShard:
 
 def generate(
     rank_model: QwenVLRank,
-    prompt: PromptTensors,
+    prompt: Prompt,
     video: VideoShard,
     strategy: Strategy,
     comm: Comm,
@@ -81,7 +82,7 @@ def generate(
         """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max)."""
         chosen = sample_token(rank_model.logits(hidden), sampling, generator) if is_tail else -1
         stop = int(comm.rank == 0 and should_stop())
-        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device)).tolist()
+        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), metrics).tolist()
         if stop:
             raise Cancelled("cancelled")
         return int(token)

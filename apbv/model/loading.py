@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,14 @@ def default_model_path() -> Path:
     from apbv.model.tiny import build_tiny_model
 
     cache = Path(os.environ.get("APBV_CACHE", Path.home() / ".cache" / "apbv")) / "tiny-random"
-    if not (cache / "config.json").exists():
-        build_tiny_model(cache)
+    if not (cache / "config.json").exists():  # build aside, then rename: concurrent builders never see half a model
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tiny-"))
+        build_tiny_model(staging)
+        try:
+            staging.rename(cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
     return cache
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -19,6 +18,7 @@ from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 from apbv.attention.base import SequencePlan, Strategy
 from apbv.attention.decode import distributed_attention
 from apbv.comm import Comm
+from apbv.inputs import Prompt
 from apbv.metrics import VISION, MetricsRecorder
 from apbv.model.cache import ShardedKVCache
 
@@ -54,18 +54,6 @@ def _route(route: AttentionRoute) -> Iterator[None]:
         _ACTIVE_ROUTE.reset(token)
 
 
-@dataclass(frozen=True)
-class PromptTensors:
-    """The tokenised prompt as every rank sees it (small: ids and grids, no pixels)."""
-
-    input_ids: torch.Tensor  # (L,) long
-    mm_token_type_ids: torch.Tensor  # (L,) int
-    video_grid_thw: torch.Tensor  # (1, 3) long
-    second_per_grid_ts: torch.Tensor  # (1,) float
-    n_context: int
-    n_query: int
-
-
 def use_sequence_parallel_attention(model: Qwen2_5_VLForConditionalGeneration) -> None:
     """Route the language model's attention through the active strategy; the vision tower keeps SDPA."""
     model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
@@ -87,7 +75,7 @@ class QwenVLRank:
     def num_layers(self) -> int:
         return len(self.text.layers)
 
-    def global_positions(self, prompt: PromptTensors) -> tuple[torch.Tensor, int]:
+    def global_positions(self, prompt: Prompt) -> tuple[torch.Tensor, int]:
         """M-RoPE ids (3, L) of the whole prompt from the installed transformers' own rule, and the rope delta."""
         positions, delta = self.model.model.get_rope_index(
             prompt.input_ids[None],
@@ -122,7 +110,7 @@ class QwenVLRank:
     @torch.inference_mode()
     def prefill(
         self,
-        prompt: PromptTensors,
+        prompt: Prompt,
         video_embeds: torch.Tensor,
         positions: torch.Tensor,
         strategy: Strategy,
@@ -152,7 +140,7 @@ class QwenVLRank:
             return None
         return self.text.norm(hidden[:, int(last[0, 0])])[0]
 
-    def _embed_local(self, prompt: PromptTensors, video_embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _embed_local(self, prompt: Prompt, video_embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Token embeddings of the local rows with each video pad replaced by its vision embedding."""
         ids = prompt.input_ids.to(self.device)
         is_video = ids == self.config.video_token_id
