@@ -12,7 +12,6 @@ per-rank compute time only. Dense runs on one rank and is measured as is. Only p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from apbv.attention import get_strategy
 from apbv.config import STRATEGIES, AttentionConfig
 from apbv.metrics import MetricsRecorder
 
+from .record import environment, write_json
 from .threads import ThreadWorld
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     _print_table(rows, args, device_name)
     if args.json_path:
-        meta = {k: v for k, v in vars(args).items() if k != "json_path"} | {"device_name": device_name}
-        with open(args.json_path, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        meta = {k: v for k, v in vars(args).items() if k != "json_path"} | environment(device)
+        write_json(args.json_path, meta, [asdict(r) for r in rows])
     return rows
 
 

@@ -1,0 +1,51 @@
+"""Real Qwen2.5-VL architectures with random weights, for speed runs (speed does not depend on weight values).
+
+Sizes are those of the public Qwen2.5-VL-3B/7B-Instruct configs; special-token ids are the project's tokenizer's
+(built offline), so prompts built by `apbv.inputs` drive them exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from apbv.model.tiny import tiny_config
+
+_VISION = {  # shared by 3B and 7B
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+}
+
+ARCHITECTURES = {
+    "qwen2.5-vl-3b": {
+        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                 "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
+    },
+    "qwen2.5-vl-7b": {
+        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                 "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
+    },
+}
+
+
+def architecture_config(name: str) -> Qwen2_5_VLConfig:
+    arch = ARCHITECTURES[name]
+    text = {**arch["text"], "max_position_embeddings": 128000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+    return tiny_config(text_config=text, vision_config={**_VISION, "out_hidden_size": text["hidden_size"]})
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A randomly initialised model of a real architecture, built directly on `device`."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(architecture_config(name), dtype=dtype)
+    return model.eval()
