@@ -26,8 +26,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _MATH_ELEMENTS = 1 << 26  # score elements per step of the plain-math path (bounds its memory)
 
-# (backend name, dtype, head_dim) -> False once a backend refused such a call (then it is not tried again)
-_usable: dict[tuple[str, torch.dtype, int], bool] = {}
+# (backend, dtype, q/k shapes, causal) -> False once a backend refused exactly such a call (not tried again for
+# that call shape; other shapes still try it: kernels refuse some lengths or head counts but not others)
+_usable: dict[tuple, bool] = {}
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +87,7 @@ def _full(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -
     if q.shape[1] == 0 or k.shape[1] == 0:
         return _empty(q, lse_dtype(q.dtype))
     for name, fn in _backends(q):
-        key = (name, q.dtype, q.shape[-1])
+        key = (name, q.dtype, tuple(q.shape), tuple(k.shape), causal)
         if not _usable.get(key, True):
             continue
         try:

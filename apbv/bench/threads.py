@@ -9,7 +9,9 @@ such timings are "projected (sequential ranks, no communication)".
 
 from __future__ import annotations
 
+import queue
 import threading
+from dataclasses import dataclass
 import time
 from typing import Any, Callable
 
@@ -17,6 +19,11 @@ import torch
 from torch import Tensor
 
 from apbv.comm import Comm
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
 
 
 class ThreadWorld:
@@ -31,37 +38,47 @@ class ThreadWorld:
         self.busy = [0.0] * world_size  # seconds each rank held the device in the last `run`
         self._device_lock = threading.Lock()
         self._since = [0.0] * world_size
+        self._threads: list[threading.Thread] = []
 
     def run(self, fn: Callable[[int, "ThreadComm"], Any]) -> list[Any]:
-        """Run fn(rank, comm) on every rank (one thread each); returns results in rank order, re-raises failures."""
+        """Run fn(rank, comm) on every rank; returns results in rank order, re-raises failures.
+
+        Each rank is one long-lived thread, reused by every `run`: thread-local state such as PyTorch's cuDNN
+        attention plan cache then persists across runs, as it does in a real rank process.
+        """
         self.busy = [0.0] * self.world_size
         self.boxes, self.failed = {}, False
-        results: list[Any] = [None] * self.world_size
-        errors: list[BaseException] = []
+        if not self._threads:
+            self._inbox = [queue.Queue() for _ in range(self.world_size)]
+            self._outbox: queue.Queue = queue.Queue()
+            self._threads = [threading.Thread(target=self._serve, args=(r,), daemon=True) for r in range(self.world_size)]
+            for t in self._threads:
+                t.start()
+        for inbox in self._inbox:
+            inbox.put(fn)
+        outcomes = dict(self._outbox.get() for _ in range(self.world_size))
+        self.boxes = {}
+        errors = [v for v in outcomes.values() if isinstance(v, _Failure)]
+        if errors:
+            raise errors[0].exc
+        return [outcomes[r] for r in range(self.world_size)]
 
-        def body(rank: int) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
+    def _serve(self, rank: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            fn = self._inbox[rank].get()
             self.acquire(rank)
             try:
-                results[rank] = fn(rank, ThreadComm(self, rank))
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-                errors.append(exc)
+                outcome = fn(rank, ThreadComm(self, rank))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller of run()
+                outcome = _Failure(exc)
                 with self.cond:
                     self.failed = True
                     self.cond.notify_all()
             finally:
                 self.release(rank)
-
-        threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.boxes = {}
-        if errors:
-            raise errors[0]
-        return results
+            self._outbox.put((rank, outcome))
 
     def acquire(self, rank: int) -> None:
         self._device_lock.acquire()
