@@ -16,6 +16,7 @@ pool restarts all ranks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -107,7 +108,7 @@ def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup | None]:
     return groups
 
 
-def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
+def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Limits = Limits()) -> None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = _device()
@@ -115,7 +116,6 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(days=7))
     groups = _prefix_groups(world_size)
     loaded = load_model(model, device)
-    limits = Limits()
     channel = None
     if rank == 0:
         channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name})
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="APB-V engine rank process (started by EnginePool or torchrun)")
     parser.add_argument("--model", default=None, help="hub id or local path; default: the embedded model")
     parser.add_argument("--listen", default="127.0.0.1:29600", help="rank 0: address the pool connects to")
+    parser.add_argument("--limits", default="{}", help="per-request limits: JSON of apbv.config.Limits fields")
     args = parser.parse_args(argv)
 
     def accept_pool(info: dict) -> PoolChannel:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         with Listener((host, int(port)), authkey=bytes.fromhex(os.environ["APBV_AUTHKEY"])) as listener:
             return PoolChannel(listener.accept(), info)
 
-    serve(args.model, accept_pool)
+    serve(args.model, accept_pool, Limits(**json.loads(args.limits)))
 
 
 if __name__ == "__main__":
