@@ -100,9 +100,9 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup | None]:
-    """Process groups of ranks [0, w) for every w (every rank must create all of them, in the same order)."""
-    groups: dict[int, dist.ProcessGroup | None] = {1: None}
+def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
+    """Process groups of ranks [0, w) for every w >= 2 (every rank must create all of them, in the same order)."""
+    groups: dict[int, dist.ProcessGroup] = {}
     for w in range(2, world_size + 1):
         groups[w] = dist.group.WORLD if w == world_size else dist.new_group(list(range(w)))
     return groups
@@ -132,7 +132,7 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
         if rank != 0:
             metrics = MetricsRecorder(rank, device)  # its clock starts when the job reaches this rank
         if rank < header.world_size:
-            comm = Comm(groups[header.world_size], device)
+            comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
             record = _run_rank(header, frames, loaded, comm, channel, metrics)
         records = gather_metrics(record, None, world_size)
         if rank == 0 and record is not None and not record.get("cancelled"):
