@@ -176,11 +176,11 @@ def _predicted_attn_pairs(request: Request, result: Result) -> list[float]:
     return ThreadWorld(result.world_size).run(one_layer)
 
 
-@pytest.mark.parametrize("strategy", ["apbv", "ring"])
-def test_metrics_add_up(pool, example_video, strategy):
-    request = _request(example_video, strategy=strategy, num_frames=8, max_new_tokens=6)
+@pytest.mark.parametrize("strategy, world_size", [("apbv", 2), ("ring", 2), ("dense", 1)])
+def test_metrics_add_up(pool, example_video, strategy, world_size):
+    request = _request(example_video, strategy=strategy, world_size=world_size, num_frames=8, max_new_tokens=6)
     result = _answer(pool, request)
-    assert [m.rank for m in result.ranks] == [0, 1]
+    assert result.world_size == world_size and [m.rank for m in result.ranks] == list(range(world_size))
     for m in result.ranks:
         names = [s.name for s in m.spans]
         assert names == (["read"] if m.rank == 0 else []) + ["vision", "prefill", "decode"]
@@ -192,6 +192,6 @@ def test_metrics_add_up(pool, example_video, strategy):
         assert sum(t.values()) <= sum(span.values()) + eps  # each interval is in exactly one category
         assert t.get("read", 0) <= span.get("read", 0) + eps and t["vision"] <= span["vision"] + eps
         assert t["attention"] + t["other_layers"] <= span["prefill"] + eps and t["decode"] <= span["decode"] + eps
-        assert t["comm_wait"] <= span["vision"] + span["prefill"] + eps
-        assert m.counters["bytes_sent"] > 0 and m.counters["attn_flops"] > 0
+        assert t.get("comm_wait", 0) <= span["vision"] + span["prefill"] + eps
+        assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
     assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result)
