@@ -194,4 +194,6 @@ def test_metrics_add_up(pool, example_video, strategy, world_size):
         assert t["attention"] + t["other_layers"] <= span["prefill"] + eps and t["decode"] <= span["decode"] + eps
         assert t.get("comm_wait", 0) <= span["vision"] + span["prefill"] + eps
         assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
+    first = [m.spans[0] for m in result.ranks]
+    assert all(s.start >= first[0].end for s in first[1:])  # one time axis: other ranks start after rank 0's read
     assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result)

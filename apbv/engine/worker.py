@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import traceback
+from dataclasses import replace
 from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol
@@ -123,6 +124,8 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
         header, frames, metrics = None, None, None
         if rank == 0:
             header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
+            if header != "shutdown":
+                header = replace(header, started_s=metrics.elapsed())
         box = [header]
         dist.broadcast_object_list(box, src=0)
         header = box[0]
@@ -130,7 +133,7 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
             break
         record = None
         if rank != 0:
-            metrics = MetricsRecorder(rank, device)  # its clock starts when the job reaches this rank
+            metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
         if rank < header.world_size:
             comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
             record = _run_rank(header, frames, loaded, comm, channel, metrics)
