@@ -3,6 +3,9 @@
 One engine thread owns the connection to rank 0 and serves the queue one request at a time: it sends the job,
 forwards events to the request's handle, forwards cancellations, enforces the per-request timeout and watches the
 worker processes. A dead worker fails the request in flight (never silently) and every rank is restarted.
+
+Cancellation is honoured at token boundaries: a queued request is dropped before it starts; a running one stops
+at its next sampled token (the first one comes after prefill, which is never interrupted) and ends 'cancelled'.
 """
 
 from __future__ import annotations
