@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 180
 
@@ -27,24 +29,34 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def _ask(*args: str) -> subprocess.CompletedProcess:
+def _ask(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the CLI (through `launcher`, e.g. torchrun, when given) and check that nothing it started lives on."""
     marker = f"APBV_TEST_RUN={uuid.uuid4().hex}"
     key, value = marker.split("=")
     env = {**os.environ, key: value, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "apbv", "ask", *args, "--world-size", "2", "--device", "cpu", "--max-new-tokens", "4"]
+    cmd = [*(launcher or (sys.executable,)), "-m", "apbv", "ask", *args, "--device", "cpu", "--max-new-tokens", "4"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert _processes_with(marker) == []  # no worker outlives the CLI
     return done
 
 
 def test_ask_prints_the_answer(example_video):
-    done = _ask(example_video, "What color was the shape?", "--frames", "8")
+    done = _ask(example_video, "What color was the shape?", "--frames", "8", "--world-size", "2")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "Traceback" not in done.stderr
 
 
-def test_ask_json_prints_one_result_object(example_video):
-    done = _ask(example_video, "What color was the shape?", "--frames", "8", "--json")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port")
+
+
+@pytest.mark.parametrize("launcher", ["pool", "torchrun"])
+def test_ask_json_prints_one_result_object(example_video, launcher):
+    """Through the CLI's own pool, and as two torchrun ranks (the one-shot channel)."""
+    args = (example_video, "What color was the shape?", "--frames", "8", "--json")
+    if launcher == "pool":
+        done = _ask(*args, "--world-size", "2")
+    else:
+        done = _ask(*args, launcher=(*TORCHRUN, str(free_port())))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # the whole of stdout is one JSON object
     assert result["answer"] and 1 <= len(result["token_ids"]) <= 4
@@ -53,7 +65,7 @@ def test_ask_json_prints_one_result_object(example_video):
 
 @pytest.mark.parametrize("kind", ["text", "missing"])
 def test_bad_input_exits_2_with_one_line(videos, kind):
-    done = _ask(str(videos[kind]), "What color was the shape?", "--frames", "8")
+    done = _ask(str(videos[kind]), "What color was the shape?", "--frames", "8", "--world-size", "2")
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stdout == ""
