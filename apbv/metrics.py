@@ -82,11 +82,16 @@ class _Clock:
 class MetricsRecorder:
     """Collects one rank's measurements for one request."""
 
-    def __init__(self, rank: int, device: torch.device, on_span: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, rank: int, device: torch.device, on_span: Callable[[str], None] | None = None, start_s: float = 0.0
+    ) -> None:
+        """start_s: where this recorder's clock starts on the request's timeline (ranks that join a request late
+        start at the time rank 0 handed it to them, so that every rank's spans share one time axis)."""
         self.rank = rank
         self._on_span = on_span
         self.device = torch.device(device)
         self._clock = _Clock(self.device)
+        self._start_s = start_s
         self._spans: list[tuple[str, object, object]] = []
         self._intervals: list[tuple[str, object, object]] = []
         self.counters: dict[str, float] = defaultdict(float)
@@ -122,8 +127,14 @@ class MetricsRecorder:
         (e.g. other_layers = prefill - attention - comm_wait)."""
         self._remainders.append((category, span, minus))
 
+    def elapsed(self) -> float:
+        """Seconds on the request's timeline now (synchronises on CUDA)."""
+        return self._start_s + self._clock.seconds(self._clock.mark())
+
     def finish(self) -> RankMetrics:
-        sec = self._clock.seconds
+        def sec(point) -> float:
+            return self._start_s + self._clock.seconds(point)
+
         totals: dict[str, float] = defaultdict(float)
         intervals = [(category, sec(a), sec(b)) for category, a, b in self._intervals]
         spans = [Span(name, sec(a), sec(b)) for name, a, b in self._spans]

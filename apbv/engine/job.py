@@ -39,6 +39,7 @@ class JobHeader:
     frame_shape: tuple[int, int, int]  # (H, W, 3) of every sampled frame
     patch_ranges: tuple[tuple[int, int], ...]  # temporal patches [start, end) per rank
     visual_tokens: int
+    started_s: float = 0.0  # rank 0's request time when it sent the header: where the other ranks' clocks start
 
 
 def attention_config(request: Request) -> AttentionConfig:

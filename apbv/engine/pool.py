@@ -3,11 +3,15 @@
 One engine thread owns the connection to rank 0 and serves the queue one request at a time: it sends the job,
 forwards events to the request's handle, forwards cancellations, enforces the per-request timeout and watches the
 worker processes. A dead worker fails the request in flight (never silently) and every rank is restarted.
+
+Cancellation is honoured at token boundaries: a queued request is dropped before it starts; a running one stops
+at its next sampled token (the first one comes after prefill, which is never interrupted) and ends 'cancelled'.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import secrets
@@ -18,13 +22,14 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Client, Connection
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from apbv import errors
-from apbv.config import STRATEGIES
+from apbv.config import STRATEGIES, Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.worker import EXIT_OUT_OF_MEMORY
 from apbv.model.loading import default_model_path
@@ -103,7 +108,7 @@ class EnginePool:
     """A pool of rank processes serving requests one at a time.
 
     model: hub id or local path (None: the embedded model); world_size: ranks (None: visible GPUs, else 2 CPU
-    ranks); device: "cpu" or "cuda" (None: cuda when available).
+    ranks); device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class EnginePool:
         device: str | None = None,
         queue_size: int = 8,
         request_timeout_s: float = 600.0,
+        limits: Limits = Limits(),
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         gpus = torch.cuda.device_count() if self.device == "cuda" else 0
@@ -121,6 +127,7 @@ class EnginePool:
             raise ValueError(f"{self.world_size} ranks requested but only {gpus} GPUs are visible")
         self.model = model
         self.request_timeout_s = request_timeout_s
+        self.limits = limits
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=queue_size)
         self._cancel: set[str] = set()
         self._ids = itertools.count(1)
@@ -198,7 +205,8 @@ class EnginePool:
         if self.device == "cpu":
             base["CUDA_VISIBLE_DEVICES"] = ""
         model = self.model or str(default_model_path())  # resolved once, before any rank starts
-        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen, "--model", model]
+        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen, "--model", model,
+               "--limits", json.dumps(asdict(self.limits))]
         self._procs = []
         for rank in range(self.world_size):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}

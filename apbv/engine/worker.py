@@ -16,9 +16,11 @@ pool restarts all ranks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
+from dataclasses import replace
 from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol
@@ -99,15 +101,15 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup | None]:
-    """Process groups of ranks [0, w) for every w (every rank must create all of them, in the same order)."""
-    groups: dict[int, dist.ProcessGroup | None] = {1: None}
+def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
+    """Process groups of ranks [0, w) for every w >= 2 (every rank must create all of them, in the same order)."""
+    groups: dict[int, dist.ProcessGroup] = {}
     for w in range(2, world_size + 1):
         groups[w] = dist.group.WORLD if w == world_size else dist.new_group(list(range(w)))
     return groups
 
 
-def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
+def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Limits = Limits()) -> None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = _device()
@@ -115,7 +117,6 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(days=7))
     groups = _prefix_groups(world_size)
     loaded = load_model(model, device)
-    limits = Limits()
     channel = None
     if rank == 0:
         channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name})
@@ -123,6 +124,8 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
         header, frames, metrics = None, None, None
         if rank == 0:
             header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
+            if header != "shutdown":
+                header = replace(header, started_s=metrics.elapsed())
         box = [header]
         dist.broadcast_object_list(box, src=0)
         header = box[0]
@@ -130,9 +133,9 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel]) -> None:
             break
         record = None
         if rank != 0:
-            metrics = MetricsRecorder(rank, device)  # its clock starts when the job reaches this rank
+            metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
         if rank < header.world_size:
-            comm = Comm(groups[header.world_size], device)
+            comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
             record = _run_rank(header, frames, loaded, comm, channel, metrics)
         records = gather_metrics(record, None, world_size)
         if rank == 0 and record is not None and not record.get("cancelled"):
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="APB-V engine rank process (started by EnginePool or torchrun)")
     parser.add_argument("--model", default=None, help="hub id or local path; default: the embedded model")
     parser.add_argument("--listen", default="127.0.0.1:29600", help="rank 0: address the pool connects to")
+    parser.add_argument("--limits", default="{}", help="per-request limits: JSON of apbv.config.Limits fields")
     args = parser.parse_args(argv)
 
     def accept_pool(info: dict) -> PoolChannel:
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         with Listener((host, int(port)), authkey=bytes.fromhex(os.environ["APBV_AUTHKEY"])) as listener:
             return PoolChannel(listener.accept(), info)
 
-    serve(args.model, accept_pool)
+    serve(args.model, accept_pool, Limits(**json.loads(args.limits)))
 
 
 if __name__ == "__main__":

@@ -72,34 +72,33 @@ def generate(
     with metrics.span("vision"):
         video_embeds = rank_model.encode_video(video.pixels, video.grid_thw, video.tokens_per_rank, comm, metrics)
     cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
-    with metrics.span("prefill"):
-        hidden = rank_model.prefill(prompt, video_embeds, positions, strategy, plan, comm, metrics, cache)
-    del video_embeds
-
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
-    def next_token(hidden: torch.Tensor | None) -> int:
+    def next_token(hidden: torch.Tensor | None, recorder: MetricsRecorder) -> int:
         """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max)."""
         chosen = sample_token(rank_model.logits(hidden), sampling, generator) if is_tail else -1
         stop = int(comm.rank == 0 and should_stop())
-        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), metrics).tolist()
+        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), recorder).tolist()
         if stop:
             raise Cancelled("cancelled")
         return int(token)
 
-    if sampling.max_new_tokens < 1:
-        return
-    token = next_token(hidden)
+    with metrics.span("prefill"):  # the first token's lm_head and all-reduce count as prefill (time to first token)
+        hidden = rank_model.prefill(prompt, video_embeds, positions, strategy, plan, comm, metrics, cache)
+        del video_embeds
+        if sampling.max_new_tokens < 1:  # prefill only
+            return
+        token = next_token(hidden, metrics)
     if token in sampling.stop_ids:
         return
     yield token
     prompt_len = prompt.input_ids.numel()
-    quiet = NullRecorder()  # decode is reported as one time category; its inner attention is not split out
+    quiet = NullRecorder()  # decode is one time category: its inner attention and waits are not split out
     with metrics.span("decode"), metrics.timed(DECODE):
         for step in range(1, sampling.max_new_tokens):
             position = prompt_len + step - 1 + rope_delta
             hidden = rank_model.decode_step(token, position, comm, quiet, cache, is_tail)
-            token = next_token(hidden)
+            token = next_token(hidden, quiet)
             if token in sampling.stop_ids:
                 return
             yield token

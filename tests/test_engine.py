@@ -1,0 +1,199 @@
+"""The engine pool (issue 4) with real worker processes: embedded model, CPU, 2 gloo ranks.
+
+Non-destructive cases share the session `pool`; killing workers and the small token limit use a module pool of
+their own. Every wait has a timeout, so a hung engine fails the test instead of stalling the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from apbv.attention import get_strategy
+from apbv.bench.threads import ThreadWorld
+from apbv.config import Limits
+from apbv.engine.api import Request, Result
+from apbv.engine.job import attention_config
+from apbv.engine.pool import EnginePool
+from apbv.errors import (
+    Busy,
+    EmptyQuestion,
+    InputError,
+    TooFewFrames,
+    TooManyTokens,
+    VideoUnreadable,
+    WorkerDied,
+)
+from apbv.metrics import MetricsRecorder
+from apbv.model.loading import default_model_path
+
+WAIT_S = 120.0  # per request; a request of the tiny model takes well under a second
+LONG = 400  # max_new_tokens of a request that is still decoding when the test acts on it (~2 s)
+SMALL_LIMITS = Limits(max_visual_tokens=400)  # prompt tokens: 4 frames of the example (288 visual) fit, 8 do not
+
+
+def _request(video: str, **kw) -> Request:
+    return Request(**{"video_path": video, "question": "What color was the shape?", "num_frames": 4,
+                      "max_new_tokens": 4, **kw})  # fmt: skip
+
+
+def _answer(pool: EnginePool, request: Request) -> Result:
+    return pool.submit(request).result(timeout=WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def small_pool() -> Iterator[EnginePool]:
+    """A pool of its own for destructive tests, with a small visual-token limit."""
+    with EnginePool(world_size=2, device="cpu", limits=SMALL_LIMITS) as p:
+        yield p
+
+
+def test_concurrent_clients_each_get_a_result_or_busy(pool, example_video):
+    """20 submissions from 4 threads at once: the 8-slot queue overflows (Busy at submit), the rest all finish."""
+    outcomes: list[Result | str] = []
+    start = threading.Barrier(4)
+
+    def client() -> None:
+        start.wait()
+        handles = []
+        for _ in range(5):
+            try:
+                handles.append(pool.submit(_request(example_video, max_new_tokens=2)))
+            except Busy:
+                outcomes.append("busy")
+        outcomes.extend(h.result(timeout=WAIT_S) for h in handles)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    results = [o for o in outcomes if isinstance(o, Result)]
+    assert len(outcomes) == 20 and "busy" in outcomes and len(results) >= 8
+    assert len({r.request_id for r in results}) == len(results)
+    for r in results:
+        assert r.answer == results[0].answer and r.token_ids and r.wall_s > 0  # greedy: the same answer
+        assert [m.rank for m in r.ranks] == [0, 1] and all(m.spans and m.totals for m in r.ranks)
+    assert pool.health()["queued"] == 0
+
+
+def test_cancel_mid_request_and_while_queued(pool, example_video):
+    running = pool.submit(_request(example_video, max_new_tokens=LONG))
+    waiting = pool.submit(_request(example_video))
+    pool.cancel(waiting.request_id)
+    kinds = []
+    for event in running.events(timeout=WAIT_S):
+        kinds.append(event.kind)
+        if kinds.count("token") == 1:
+            pool.cancel(running.request_id)
+    assert kinds[-1] == "cancelled" and 1 <= kinds.count("token") < LONG  # honoured at a token boundary
+    assert [e.kind for e in waiting.events(timeout=WAIT_S)] == ["queued", "cancelled"]  # never started
+    assert _answer(pool, _request(example_video)).token_ids
+
+
+def test_long_request_runs_to_its_limit_without_cancel(pool, example_video):
+    """The premise of the cancel and kill tests: a LONG request is still decoding when they act."""
+    assert len(_answer(pool, _request(example_video, max_new_tokens=LONG)).token_ids) == LONG
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0"])
+def test_killed_worker_fails_the_request_and_the_pool_recovers(small_pool, example_video, victim):
+    before = small_pool.health()
+    handle = small_pool.submit(_request(example_video, max_new_tokens=LONG))
+    for event in handle.events(timeout=WAIT_S):
+        if event.kind == "token":
+            break
+    assert event.kind == "token"
+    killed = time.monotonic()
+    os.kill(before["pids"][victim], signal.SIGKILL)
+    with pytest.raises(WorkerDied):
+        handle.result(timeout=30)
+    assert time.monotonic() - killed < 10
+    assert _answer(small_pool, _request(example_video)).token_ids  # served by the restarted ranks
+    after = small_pool.health()
+    assert after["alive"] and after["restarts"] == before["restarts"] + 1
+    assert not set(after["pids"]) & set(before["pids"])
+    for pid in before["pids"]:  # the old ranks are gone (killed and reaped), none left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _bad_request(case: str, videos: dict, example_video: str) -> Request:
+    if case in ("text", "truncated"):
+        return _request(str(videos[case]))
+    overrides = {"empty_question": {"question": "  "}, "too_few_frames": {"num_frames": 2},
+                 "dense_on_two_ranks": {"strategy": "dense", "world_size": 2}}  # fmt: skip
+    return _request(example_video, **overrides[case])
+
+
+BAD = {
+    "text": VideoUnreadable,
+    "truncated": VideoUnreadable,
+    "empty_question": EmptyQuestion,
+    "too_few_frames": TooFewFrames,
+    "dense_on_two_ranks": InputError,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_its_typed_error_and_the_pool_keeps_serving(pool, videos, example_video, case):
+    with pytest.raises(InputError) as info:
+        _answer(pool, _bad_request(case, videos, example_video))
+    assert type(info.value) is BAD[case] and str(info.value)
+    assert _answer(pool, _request(example_video)).token_ids
+    assert pool.health()["restarts"] == 0  # bad input never costs a restart
+
+
+def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_video):
+    with pytest.raises(TooManyTokens, match="400"):
+        _answer(small_pool, _request(example_video, num_frames=8))
+    assert _answer(small_pool, _request(example_video)).visual_tokens <= SMALL_LIMITS.max_visual_tokens
+
+
+def _predicted_attn_pairs(request: Request, result: Result) -> list[float]:
+    """Per-rank attention pairs of the request's prefill, from the strategy's own plan: its prefill rerun on
+    random q/k/v of the model's head shapes, one layer, times the number of layers."""
+    text = AutoConfig.from_pretrained(default_model_path()).text_config
+    hq, hkv, d = text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    strategy = get_strategy(attention_config(request))
+    plan = strategy.plan(result.n_context, result.n_query, result.world_size)
+
+    def one_layer(rank: int, comm) -> float:
+        recorder = MetricsRecorder(rank, torch.device("cpu"))
+        s = plan.ranks[rank].length
+        q, k, v = torch.randn(hq, s, d), torch.randn(hkv, s, d), torch.randn(hkv, s, d)
+        strategy.prefill(q, k, v, plan, 0, comm, recorder)
+        return recorder.counters["attn_pairs"] * text.num_hidden_layers
+
+    return ThreadWorld(result.world_size).run(one_layer)
+
+
+@pytest.mark.parametrize("strategy, world_size", [("apbv", 2), ("ring", 2), ("dense", 1)])
+def test_metrics_add_up(pool, example_video, strategy, world_size):
+    request = _request(example_video, strategy=strategy, world_size=world_size, num_frames=8, max_new_tokens=6)
+    result = _answer(pool, request)
+    assert result.world_size == world_size and [m.rank for m in result.ranks] == list(range(world_size))
+    for m in result.ranks:
+        names = [s.name for s in m.spans]
+        assert names == (["read"] if m.rank == 0 else []) + ["vision", "prefill", "decode"]
+        span = {s.name: s.end - s.start for s in m.spans}
+        bounds = [t for s in m.spans for t in (s.start, s.end)]
+        assert 0 <= bounds[0] and bounds == sorted(bounds) and bounds[-1] <= result.wall_s  # in order, inside
+        t = m.totals
+        eps = 1e-6
+        assert sum(t.values()) <= sum(span.values()) + eps  # each interval is in exactly one category
+        assert t.get("read", 0) <= span.get("read", 0) + eps and t["vision"] <= span["vision"] + eps
+        assert t["attention"] + t["other_layers"] <= span["prefill"] + eps and t["decode"] <= span["decode"] + eps
+        assert t.get("comm_wait", 0) <= span["vision"] + span["prefill"] + eps
+        assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
+    first = [m.spans[0] for m in result.ranks]
+    assert all(s.start >= first[0].end for s in first[1:])  # one time axis: other ranks start after rank 0's read
+    assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result)
