@@ -10,7 +10,7 @@ plus the closing template tokens).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,8 @@ CHAT_TEMPLATE = (
 )  # fmt: skip
 
 # Checkpoint files read by ProcessorSpec.from_pretrained, first found wins.
-_CONFIG_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
+_CONFIG_FILES = (VIDEO_CONFIG_FILE, "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,11 @@ class ProcessorSpec:
     """The video processor's parameters. min/max_pixels: the checkpoint processor's per-frame bounds (default: the
     video processor's); frames inside them are left unchanged by the official processor, so `patchify`, which never
     resizes, matches it there. (Real checkpoints store their image bounds, 3136 .. 12845056; `read_video`'s
-    defaults are qwen-vl-utils' video bounds, as the reference harnesses use.)"""
+    defaults are qwen-vl-utils' video bounds, as the reference harnesses use.)
+
+    video_min/max_pixels: the per-frame bounds a checkpoint was trained at, read only from the explicit
+    `min_pixels` / `max_pixels` keys of its video_preprocessor_config.json; None otherwise, so that real
+    checkpoints keep qwen-vl-utils' video defaults when videos are read (`read_video_pixels`)."""
 
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -68,6 +73,8 @@ class ProcessorSpec:
     rescale_factor: float = 1 / 255
     min_pixels: int = VIDEO_MIN_PIXELS
     max_pixels: int = VIDEO_MAX_PIXELS
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ProcessorSpec:
@@ -75,7 +82,11 @@ class ProcessorSpec:
         for name in _CONFIG_FILES:
             file = Path(path) / name
             if file.is_file():
-                return cls.from_dict(json.loads(file.read_text()))
+                cfg = json.loads(file.read_text())
+                spec = cls.from_dict(cfg)
+                if name == VIDEO_CONFIG_FILE:
+                    spec = replace(spec, video_min_pixels=cfg.get("min_pixels"), video_max_pixels=cfg.get("max_pixels"))
+                return spec
         return cls()
 
     @classmethod
@@ -92,8 +103,9 @@ class ProcessorSpec:
 
     def to_dict(self) -> dict:
         """preprocessor_config.json contents that both this class and transformers' Qwen2-VL processors read."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("video_min_pixels", "video_max_pixels")}
         return {
-            **asdict(self),
+            **fields,
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen2_5_VLProcessor",
             "do_resize": True,
@@ -107,6 +119,22 @@ class ProcessorSpec:
         file = Path(path) / "preprocessor_config.json"
         file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return file
+
+    def save_video_config(self, path: str | Path, min_pixels: int, max_pixels: int) -> Path:
+        """Write video_preprocessor_config.json: this spec with the per-frame video bounds the model expects."""
+        cfg = {**replace(self, min_pixels=min_pixels, max_pixels=max_pixels).to_dict(),
+               "video_processor_type": "Qwen2VLVideoProcessor"}  # fmt: skip
+        file = Path(path) / VIDEO_CONFIG_FILE
+        file.write_text(json.dumps(cfg, indent=2) + "\n")
+        return file
+
+    def read_video_pixels(self, max_pixels: int | None = None) -> dict[str, int]:
+        """Pixel keyword arguments for `apbv.video.read_video`: the checkpoint's video bounds where it has them,
+        a request's max_pixels over them; empty means read_video's (qwen-vl-utils') defaults."""
+        pixels = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels}
+        if max_pixels:
+            pixels["max_pixels"] = max_pixels
+        return {k: v for k, v in pixels.items() if v is not None}
 
     @property
     def factor(self) -> int:

@@ -12,7 +12,8 @@ import torch
 
 from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
 from apbv.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, patchify, prepare_inputs
-from apbv.video import SampledVideo, estimate_visual_tokens
+from apbv.synthetic import write_mp4
+from apbv.video import SampledVideo, estimate_visual_tokens, read_video
 
 SPEC = ProcessorSpec()
 CLOSING = "<|im_end|>\n<|im_start|>assistant\n"
@@ -90,6 +91,26 @@ def test_processor_spec_round_trip(tmp_path):
     spec = ProcessorSpec(min_pixels=3136, max_pixels=28 * 28 * 64, image_mean=(0.5, 0.5, 0.5))
     spec.save_pretrained(tmp_path)
     assert ProcessorSpec.from_pretrained(tmp_path) == spec
+
+
+def test_video_pixel_bounds_only_from_video_config(tmp_path):
+    spec = ProcessorSpec(min_pixels=3136, max_pixels=12845056)
+    spec.save_pretrained(tmp_path)  # image bounds only (real checkpoints): read_video keeps its defaults
+    assert ProcessorSpec.from_pretrained(tmp_path).read_video_pixels() == {}
+    assert ProcessorSpec.from_pretrained(tmp_path).read_video_pixels(max_pixels=5000) == {"max_pixels": 5000}
+    spec.save_video_config(tmp_path, min_pixels=3136, max_pixels=112 * 112)
+    loaded = ProcessorSpec.from_pretrained(tmp_path)
+    assert (loaded.video_min_pixels, loaded.video_max_pixels) == (3136, 112 * 112)
+    assert loaded.read_video_pixels() == {"min_pixels": 3136, "max_pixels": 112 * 112}
+    assert loaded.read_video_pixels(max_pixels=5000) == {"min_pixels": 3136, "max_pixels": 5000}  # request wins
+    assert "video_max_pixels" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+
+
+def test_read_video_at_model_bounds_keeps_small_frames(tmp_path):
+    path = write_mp4(np.zeros((4, 112, 112, 3), np.uint8), tmp_path / "small.mp4")
+    spec = ProcessorSpec(video_min_pixels=3136, video_max_pixels=112 * 112)
+    assert read_video(path, num_frames=4, **spec.read_video_pixels()).size == (112, 112)
+    assert read_video(path, num_frames=4, **ProcessorSpec().read_video_pixels()).size == (336, 336)  # upsampled
 
 
 QUESTION = "What color was the shape shown in the video? Answer with one word."

@@ -73,7 +73,7 @@ def prepare_job(
             num_frames=request.num_frames,
             fps=None if request.num_frames else request.fps,
             max_frames=limits.max_frames,
-            **({"max_pixels": request.max_pixels} if request.max_pixels else {}),
+            **spec.read_video_pixels(request.max_pixels),
         )
         prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_visual_tokens)
     temporal_patches = int(prompt.video_grid_thw[0, 0])

@@ -170,17 +170,22 @@ def tiny_config(**overrides) -> Qwen2_5_VLConfig:
 def build_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """Create a seeded random Qwen2_5_VLForConditionalGeneration and save config, safetensors weights, tokenizer
     (with chat template) and preprocessor config to out_dir. Returns out_dir."""
-    out = Path(out_dir)
     config = tiny_config(**overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return save_checkpoint(model, out_dir)
+
+
+def save_checkpoint(model: Qwen2_5_VLForConditionalGeneration, out_dir: str | Path) -> Path:
+    """Save a tiny model with the tiny tokenizer (stop ids in its generation config) and the real checkpoints'
+    per-image preprocessor bounds to out_dir. Returns out_dir."""
+    out = Path(out_dir)
     tokenizer = build_tokenizer()
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # the real checkpoints' per-image bounds (their preprocessor_config.json)
     ProcessorSpec(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS).save_pretrained(out)
     return out
 

@@ -1,0 +1,65 @@
+"""The shipped model (assets/model): loads offline, reads videos at its own size, answers a held-out question
+correctly through the engine's job path, dense on one rank and APB-V on two gloo processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from apbv.comm import Comm
+from apbv.config import Limits
+from apbv.engine.api import Request
+from apbv.engine.job import prepare_job, run_job
+from apbv.metrics import MetricsRecorder
+from apbv.model.loading import EMBEDDED_MODEL, default_model_path, load_model
+from apbv.synthetic import write_mp4
+from apbv.train import FRAME_SIZE, held_out
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="no trained model shipped")
+
+FRAMES = 32
+SAMPLE = (3, FRAMES, "color")  # held-out index, frames, task
+
+
+@pytest.fixture(scope="module")
+def sample_video(tmp_path_factory) -> tuple[Path, str, str]:
+    sample = held_out(*SAMPLE)
+    path = write_mp4(sample.frames, tmp_path_factory.mktemp("embedded") / "needle.mp4", fps=8.0)
+    return path, sample.question, sample.answer
+
+
+def test_embedded_model_is_the_default_and_small():
+    assert default_model_path() == EMBEDDED_MODEL
+    assert sum(f.stat().st_size for f in EMBEDDED_MODEL.iterdir()) < 8 << 20
+    loaded = load_model(None, torch.device("cpu"))
+    assert loaded.spec.video_max_pixels == FRAME_SIZE[0] * FRAME_SIZE[1]
+    assert loaded.rank_model.config.text_config.num_hidden_layers >= 2
+
+
+def _answer(rank: int, world_size: int, video: str, question: str, strategy: str) -> str:
+    """One rank of the engine's job path: every rank prepares the same header and takes its own frames."""
+    torch.set_num_threads(1)
+    loaded = load_model(None, torch.device("cpu"))
+    request = Request(video, question, strategy=strategy, world_size=world_size, num_frames=FRAMES, max_new_tokens=8)
+    metrics = MetricsRecorder(rank, torch.device("cpu"))
+    header, frames = prepare_job("t", request, world_size, loaded.tokenizer, loaded.spec, Limits(), loaded.stop_ids,
+                                 metrics)  # fmt: skip
+    assert header.frame_shape == (*FRAME_SIZE, 3)  # read at the model's size, not upsampled to 336x336
+    start, end = header.patch_ranges[rank]
+    local = torch.from_numpy(frames[2 * start : 2 * end].copy())
+    comm = Comm.single() if world_size == 1 else Comm()
+    ids = list(run_job(header, local, loaded.rank_model, loaded.spec, comm, metrics, lambda: False))
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_answers_held_out_video_dense(sample_video):
+    path, question, answer = sample_video
+    assert _answer(0, 1, str(path), question, "dense") == answer
+
+
+def test_answers_held_out_video_apbv_two_processes(sample_video):
+    path, question, answer = sample_video
+    assert run_ranks(2, _answer, str(path), question, "apbv", timeout=120) == [answer, answer]
