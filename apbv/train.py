@@ -1,12 +1,12 @@
 """Train the embedded model: a small Qwen2.5-VL that answers the synthetic needle-in-a-video questions.
 
-    python -m apbv.train --out assets/model [--steps 700] [--batch 8] [--device cpu|cuda] [--frames 16-128]
-        [--seed 0] [--eval-n 40]
+    python -m apbv.train --out assets/model [--steps 700] [--batch 8] [--device cpu|cuda] [--frames 8-128]
+        [--workers 0] [--time-limit S] [--seed 0] [--eval-n 40]
 
-Teacher forcing on freshly generated samples (`apbv.synthetic`), through transformers' own forward (sdpa) on the
-exact prompts the engine builds (`build_prompt` + `patchify`); the loss covers only the answer tokens and the
-closing <|im_end|>. A curriculum grows the frame count from 16 to the upper end of --frames over the first 60% of
-the steps. Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it. The checkpoint keeps video
+Teacher forcing on freshly generated samples (`apbv.synthetic`), through transformers' own forward (SDPA in the
+language model, packed attention in the vision tower) on the exact prompts the engine builds (`build_prompt` +
+`patchify`), right-padded into batches; the loss covers only the answer tokens and the closing <|im_end|>. A
+curriculum grows the frame count from the lower to the upper end of --frames over the first 60% of the steps. Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it. The checkpoint keeps video
 frames at 112x112 (16 visual tokens per temporal patch) through its video_preprocessor_config.json, and a
 training.json records the command, wall time and held-out accuracy.
 """
@@ -14,10 +14,10 @@ training.json records the command, wall time and held-out accuracy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,12 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from apbv import synthetic
+from apbv.bench.record import environment
 from apbv.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
 from apbv.model.loading import load_model
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
+from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
 from apbv.qa import ask
 from apbv.video import SampledVideo
 
@@ -52,7 +54,11 @@ SAMPLE_FPS = (1.0, 8.0)  # range of the frame rate of the sampled frames (sets t
 class Example:
     """One teacher-forced sequence: prompt + answer + <|im_end|>; the last n_target ids are the targets."""
 
-    kwargs: dict[str, torch.Tensor]
+    input_ids: torch.Tensor  # (L,)
+    mm_token_type_ids: torch.Tensor  # (L,)
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor  # (1, 3)
+    second_per_grid_ts: torch.Tensor  # (1,)
     n_target: int
     task: str
 
@@ -64,16 +70,44 @@ def make_example(tokenizer, spec: ProcessorSpec, sample: synthetic.Sample, sampl
     prompt = build_prompt(tokenizer, video, sample.question, spec)
     target = tokenizer.encode(sample.answer + IM_END, add_special_tokens=False)
     pixels, _ = patchify(sample.frames, spec)
-    ids = torch.cat([prompt.input_ids, torch.tensor(target)])
-    types = torch.cat([prompt.mm_token_type_ids, torch.zeros(len(target), dtype=torch.int32)])
+    return Example(
+        input_ids=torch.cat([prompt.input_ids, torch.tensor(target)]),
+        mm_token_type_ids=torch.cat([prompt.mm_token_type_ids, torch.zeros(len(target), dtype=torch.int32)]),
+        pixel_values_videos=pixels,
+        video_grid_thw=prompt.video_grid_thw,
+        second_per_grid_ts=prompt.second_per_grid_ts,
+        n_target=len(target),
+        task=sample.task,
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Examples right-padded into one batch (padding follows every target, so causal attention never sees it);
+    labels are -100 except at the targets."""
+
+    model_kwargs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # (B, L)
+    tasks: tuple[str, ...]
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    length = max(e.input_ids.numel() for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    types = torch.zeros((len(examples), length), dtype=torch.int32)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = e.input_ids.numel()
+        ids[i, :n], types[i, :n] = e.input_ids, e.mm_token_type_ids
+        labels[i, n - e.n_target : n] = e.input_ids[-e.n_target :]
     kwargs = {
-        "input_ids": ids[None],
-        "mm_token_type_ids": types[None],
-        "pixel_values_videos": pixels,
-        "video_grid_thw": prompt.video_grid_thw,
-        "second_per_grid_ts": prompt.second_per_grid_ts,
+        "input_ids": ids,
+        "mm_token_type_ids": types,
+        "pixel_values_videos": torch.cat([e.pixel_values_videos for e in examples]),
+        "video_grid_thw": torch.cat([e.video_grid_thw for e in examples]),
+        "second_per_grid_ts": torch.cat([e.second_per_grid_ts for e in examples]),
     }
-    return Example(kwargs, len(target), sample.task)
+    return Batch(kwargs, labels, tuple(e.task for e in examples))
 
 
 def frame_range(progress: float, frames: tuple[int, int]) -> tuple[int, int]:
@@ -83,20 +117,52 @@ def frame_range(progress: float, frames: tuple[int, int]) -> tuple[int, int]:
     return lo, max(lo, int(top) // 2 * 2)
 
 
-def random_sample(rng: random.Random, seed: int, frames: tuple[int, int], tasks: tuple[str, ...]) -> synthetic.Sample:
-    task = rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]
-    n = max(rng.randrange(frames[0], frames[1] + 1, 2), 16 if task == "count" else 8)  # room for 4 needles
-    needle_len = 2 if task in ("order", "count") else rng.choice((2, 2, 3, 4))
-    return synthetic.make_sample(seed, n, FRAME_SIZE, task, needle_len)
+class TrainingBatches(torch.utils.data.Dataset):
+    """Batch `step` of run `seed`, a pure function of (seed, step): samples of one frame count (drawn from the
+    curriculum's range at that step) with tasks drawn by TASK_WEIGHTS; sample seeds stay below HELD_OUT_SEED."""
+
+    def __init__(self, steps: int, batch: int, frames: tuple[int, int], tasks: tuple[str, ...], seed: int) -> None:
+        if (seed + 1) * _SEEDS_PER_RUN > HELD_OUT_SEED or steps * batch > _SEEDS_PER_RUN:
+            raise ValueError("training seeds would run into the held-out range")
+        self.steps, self.batch, self.frames, self.tasks, self.seed = steps, batch, frames, tasks, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> Batch:
+        tokenizer, spec = _tokenizer(), ProcessorSpec()
+        rng = random.Random(self.seed * _SEEDS_PER_RUN + step)
+        lo, hi = frame_range(step / self.steps, self.frames)
+        num_frames = rng.randrange(lo, hi + 1, 2)
+        examples = []
+        for j in range(self.batch):
+            task = rng.choices(self.tasks, weights=[TASK_WEIGHTS[t] for t in self.tasks])[0]
+            n = max(num_frames, 16 if task == "count" else 8)  # room for 4 needles
+            needle_len = 2 if task in ("order", "count") else rng.choice((2, 2, 3, 4))
+            sample = synthetic.make_sample(self.seed * _SEEDS_PER_RUN + step * self.batch + j, n, FRAME_SIZE, task,
+                                           needle_len)  # fmt: skip
+            examples.append(make_example(tokenizer, spec, sample, rng.uniform(*SAMPLE_FPS)))
+        return collate(examples, tokenizer.pad_token_id)
 
 
-def loss_and_hits(model, example: Example, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Mean cross-entropy over the targets; whether greedy teacher-forced predictions got all of them."""
-    kwargs = {k: v.to(device) for k, v in example.kwargs.items()}
-    logits = model(**kwargs, logits_to_keep=example.n_target + 1).logits[0, :-1].float()
-    targets = kwargs["input_ids"][0, -example.n_target :]
-    loss = torch.nn.functional.cross_entropy(logits, targets)
-    return loss, bool((logits.argmax(-1) == targets).all())
+@functools.cache
+def _tokenizer():
+    return build_tokenizer()
+
+
+def batch_loss(model: Qwen2_5_VLForConditionalGeneration, batch: Batch, device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+    """Mean cross-entropy over the targets; per example, whether greedy teacher-forced predictions got all of them."""
+    kwargs = {k: v.to(device, non_blocking=True) for k, v in batch.model_kwargs.items()}
+    labels = batch.labels.to(device)
+    hidden = model.model(**kwargs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = model.lm_head(hidden[mask]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[mask])
+    wrong = torch.zeros(len(batch.tasks), device=device).index_add_(
+        0, mask.nonzero()[:, 0], (logits.argmax(-1) != targets[mask]).float()
+    )
+    return loss, (wrong == 0).tolist()
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -105,39 +171,39 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(args: argparse.Namespace) -> Qwen2_5_VLForConditionalGeneration:
+def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration, int]:
+    """AdamW with warm-up and cosine decay; batches built by --workers processes; bf16 autocast on CUDA. Stops
+    early (keeping the model) after --time-limit seconds. Returns the model and the number of steps taken."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tokenizer = build_tokenizer()
-    spec = ProcessorSpec()
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(**MODEL_OVERRIDES), attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(**MODEL_OVERRIDES))
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": VISION_ATTN_IMPLEMENTATION})
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    seed = args.seed * _SEEDS_PER_RUN
+    batches = TrainingBatches(args.steps, args.batch, args.frames, args.tasks, args.seed)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)  # fmt: skip
     start, window = time.time(), {t: [] for t in args.tasks}
-    for step in range(args.steps):
+    for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        frames = frame_range(step / args.steps, args.frames)
-        total = 0.0
-        for _ in range(args.batch):
-            sample = random_sample(rng, seed, frames, args.tasks)
-            seed += 1
-            example = make_example(tokenizer, spec, sample, rng.uniform(*SAMPLE_FPS))
-            loss, hit = loss_and_hits(model, example, device)
-            (loss / args.batch).backward()
-            total += loss.item() / args.batch
-            window[example.task] = (window[example.task] + [hit])[-50:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, hits = batch_loss(model, batch, device)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % args.log_every == 0 or step == args.steps - 1:
+        for task, hit in zip(batch.tasks, hits):
+            window[task] = (window[task] + [hit])[-200:]
+        last = step == args.steps - 1 or time.time() - start > args.time_limit
+        if step % args.log_every == 0 or last:
             acc = " ".join(f"{t}={np.mean(h):.2f}" for t, h in window.items() if h)
-            print(f"step {step} frames {frames} loss {total:.3f} train-acc {acc} {time.time() - start:.0f}s",
+            frames = batch.model_kwargs["video_grid_thw"][0, 0].item() * 2
+            print(f"step {step} frames {frames} loss {loss.item():.3f} train-acc {acc} {time.time() - start:.0f}s",
                   flush=True)  # fmt: skip
-    assert seed < HELD_OUT_SEED, "training seeds ran into the held-out range"
-    return model.eval()
+        if last:
+            break
+    return model.eval(), step + 1
 
 
 def held_out(i: int, num_frames: int, task: str) -> synthetic.Sample:
@@ -176,34 +242,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded Qwen2.5-VL model on synthetic video QA.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=700, help="optimizer steps")
-    parser.add_argument("--batch", type=int, default=8, help="samples per optimizer step (accumulated)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per optimizer step (one padded batch)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=_frames_arg, default=(8, 128), help="final frame-count range LO-HI")
     parser.add_argument("--tasks", nargs="+", default=RETRIEVAL, choices=synthetic.TASKS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process")
+    parser.add_argument("--workers", type=int, default=0, help="processes building batches (0: in the trainer)")
+    parser.add_argument("--time-limit", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-n", type=int, default=40, help="held-out samples per task and frame count")
     parser.add_argument("--eval-frames", type=int, nargs="+", default=(16, 64, 256))
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the checkpoint at --out and record the accuracy in its training.json")
     args = parser.parse_args(argv)
     args.tasks = tuple(args.tasks)
     torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        record_file = args.out / "training.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else {}
+        record["held_out_accuracy_dense"] = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n)
+        record["held_out_samples_per_task"] = args.eval_n
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+        return
     start = time.time()
-    model = train(args)
+    model, steps = train(args)
     train_s = time.time() - start
     save_checkpoint(model.float().cpu(), args.out)
     ProcessorSpec().save_video_config(args.out, *VIDEO_PIXELS)
     accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n) if args.eval_n else {}
     record = {
-        "command": "python -m apbv.train " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "device": args.device,
+        **environment(torch.device(args.device)),
         "train_wall_s": round(train_s, 1),
-        "samples": args.steps * args.batch,
+        "steps": steps,
+        "samples": steps * args.batch,
         "held_out_accuracy_dense": accuracy,
-        "torch": torch.__version__,
+        "held_out_samples_per_task": args.eval_n,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

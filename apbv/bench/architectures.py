@@ -6,6 +6,8 @@ Sizes are those of the public Qwen2.5-VL-3B/7B-Instruct configs; special-token i
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -49,3 +51,18 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfl
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(architecture_config(name), dtype=dtype)
     return model.eval()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every model benchmark shares: architecture, device, warm-up and repeat counts, JSON output."""
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2.5-vl-3b")
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", dest="json_path")
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (as deployed), fp32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

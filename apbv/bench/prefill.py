@@ -29,7 +29,7 @@ from apbv.model.qwen2_5_vl import QwenVLRank, use_sequence_parallel_attention
 from apbv.model.tiny import build_tokenizer
 from apbv.video import synthetic_video
 
-from .architectures import ARCHITECTURES, random_model
+from .architectures import add_run_arguments, model_dtype, random_model
 from .record import environment, write_json
 
 
@@ -52,17 +52,12 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, rep
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen2.5-vl-3b")
     p.add_argument("--resolutions", nargs="+", default=["360p", "720p"])
-    p.add_argument("--frames", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", dest="json_path")
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     model = random_model(args.arch, device, dtype)
     tokenizer, spec = build_tokenizer(), ProcessorSpec()
     rank_model = QwenVLRank(model)

@@ -28,7 +28,7 @@ from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.tiny import build_tokenizer
 from apbv.video import synthetic_video
 
-from .architectures import ARCHITECTURES, random_model
+from .architectures import add_run_arguments, model_dtype, random_model
 from .record import environment, write_json
 from .threads import ThreadWorld
 
@@ -75,19 +75,14 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen2.5-vl-3b")
     p.add_argument("--resolution", default="1440p")
-    p.add_argument("--frames", type=int, default=64)
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", dest="json_path")
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     rank_model = QwenVLRank(random_model(args.arch, device, dtype))
     spec = ProcessorSpec()
     video = synthetic_video(args.resolution, args.frames)

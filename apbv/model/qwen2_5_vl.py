@@ -21,6 +21,7 @@ from apbv.comm import Comm
 from apbv.inputs import Prompt
 from apbv.metrics import VISION, MetricsRecorder
 from apbv.model.cache import ShardedKVCache
+from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
 
 ATTN_IMPLEMENTATION = "apbv_sequence_parallel"
 
@@ -55,8 +56,9 @@ def _route(route: AttentionRoute) -> Iterator[None]:
 
 
 def use_sequence_parallel_attention(model: Qwen2_5_VLForConditionalGeneration) -> None:
-    """Route the language model's attention through the active strategy; the vision tower keeps SDPA."""
-    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
+    """Route the language model's attention through the active strategy and the vision tower's through packed
+    attention (one call for all its windows)."""
+    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": VISION_ATTN_IMPLEMENTATION})
 
 
 class QwenVLRank:
