@@ -1,6 +1,7 @@
 """APB-V Video QA: start the engine pool and serve the page.
 
     python app.py [--model M] [--gpus N] [--device cpu|cuda] [--host 127.0.0.1] [--port 7860]
+    python app.py --attach HOST:PORT     # workers started by torchrun (README: several nodes)
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--queue-size", type=int, default=8, help="requests waiting at most (page and engine)")
     p.add_argument("--max-upload-mb", type=int, default=500)
+    p.add_argument("--attach", default=None, metavar="HOST:PORT",
+                   help="serve with workers started elsewhere (torchrun); their rank 0's --listen address")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with EnginePool(model=args.model, world_size=args.gpus, device=args.device, queue_size=args.queue_size) as pool:
+    pool = EnginePool(model=args.model, world_size=args.gpus, device=args.device, queue_size=args.queue_size,
+                      attach=args.attach)
+    with pool:
         demo = build_page(pool, load_examples(), queue_size=args.queue_size, max_upload_mb=args.max_upload_mb)
         demo.launch(
             server_name=args.host,

@@ -1,14 +1,15 @@
 """Train the embedded model: a small Qwen2.5-VL that answers the synthetic needle-in-a-video questions.
 
     python -m apbv.train --out assets/model [--steps 700] [--batch 8] [--device cpu|cuda] [--frames 8-128]
-        [--workers 0] [--time-limit S] [--seed 0] [--eval-n 40]
+        [--workers 0] [--time-limit S] [--init CHECKPOINT] [--seed 0] [--eval-n 40]
 
 Teacher forcing on freshly generated samples (`apbv.synthetic`), through transformers' own forward (SDPA in the
 language model, packed attention in the vision tower) on the exact prompts the engine builds (`build_prompt` +
 `patchify`), right-padded into batches; the loss covers only the answer tokens and the closing <|im_end|>. A
-curriculum grows the frame count from the lower to the upper end of --frames over the first 60% of the steps. Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it. The checkpoint keeps video
-frames at 112x112 (16 visual tokens per temporal patch) through its video_preprocessor_config.json, and a
-training.json records the command, wall time and held-out accuracy.
+curriculum grows the frame count from the lower to the upper end of --frames over the first 60% of the steps.
+Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it (run --seed S draws its own range). The
+checkpoint keeps video frames at 112x112 (16 visual tokens per temporal patch) through its
+video_preprocessor_config.json, and a training.json records the command, wall time and held-out accuracy.
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
     early (keeping the model) after --time-limit seconds. Returns the model and the number of steps taken."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(**MODEL_OVERRIDES))
+    if args.init:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(**MODEL_OVERRIDES))
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": VISION_ATTN_IMPLEMENTATION})
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -241,6 +245,7 @@ def _frames_arg(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded Qwen2.5-VL model on synthetic video QA.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
     parser.add_argument("--steps", type=int, default=700, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=8, help="samples per optimizer step (one padded batch)")
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -6,10 +6,9 @@ source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels_cuda.py tests/test_vision_attention.py \
   2>&1 | tee "$OUT/kernels_cuda.log" | tail -5
-for res in ${RESOLUTIONS:-1440p 720p}; do
-  timeout "${POINT_TIMEOUT:-450}" python3 -m apbv.bench.speed --arch qwen2.5-vl-3b --resolution "$res" --frames 64 \
-    --world-size 8 --warmup 1 --repeats "${REPEATS:-3}" --json "$OUT/speed-qwen2.5-vl-3b-$res-64f-w8.json" 2>&1 \
-    | grep -v "Loading\|Warn" | tee "$OUT/speed-qwen2.5-vl-3b-$res-64f-w8.txt"
-done
-timeout "${POINT_TIMEOUT:-450}" python3 -m apbv.bench.prefill --arch qwen2.5-vl-3b --resolutions 360p 720p --frames 64 \
+timeout "${SPEED_TIMEOUT:-450}" python3 -m apbv.bench.speed --arch "${ARCH:-qwen2.5-vl-3b}" \
+  --resolutions ${RESOLUTIONS:-1440p 720p} --frames ${FRAMES:-64} --world-size "${WORLD_SIZE:-8}" \
+  --warmup "${WARMUP:-3}" --repeats "${REPEATS:-5}" --out "$OUT/speed-${ARCH:-qwen2.5-vl-3b}-w${WORLD_SIZE:-8}" 2>&1 \
+  | grep -v "Loading\|Warn" | tee "$OUT/speed.log"
+timeout "${PREFILL_TIMEOUT:-300}" python3 -m apbv.bench.prefill --arch qwen2.5-vl-3b --resolutions 360p 720p --frames 64 \
   --repeats 5 --json "$OUT/prefill-qwen2.5-vl-3b.json" 2>&1 | grep -v "Loading\|Warn" | tee "$OUT/prefill-qwen2.5-vl-3b.txt"

@@ -1,7 +1,8 @@
-"""The engine pool (issue 4) with real worker processes: embedded model, CPU, 2 gloo ranks.
+"""The engine pool (issue 4) with real worker processes: the seeded random tiny model, CPU, 2 gloo ranks.
 
-Non-destructive cases share the session `pool`; killing workers and the small token limit use a module pool of
-their own. Every wait has a timeout, so a hung engine fails the test instead of stalling the run.
+The random model (unlike the trained embedded one) does not stop early, so long requests are still decoding when
+a test cancels or kills. Non-destructive cases share this module's `pool`; killing workers and the small token
+limit use a pool of their own. Every wait has a timeout, so a hung engine fails the test instead of stalling the run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from apbv.errors import (
     WorkerDied,
 )
 from apbv.metrics import MetricsRecorder
-from apbv.model.loading import default_model_path
 
 WAIT_S = 120.0  # per request; a request of the tiny model takes well under a second
 LONG = 400  # max_new_tokens of a request that is still decoding when the test acts on it (~2 s)
@@ -49,9 +49,15 @@ def _answer(pool: EnginePool, request: Request) -> Result:
 
 
 @pytest.fixture(scope="module")
-def small_pool() -> Iterator[EnginePool]:
+def pool(tiny_dir) -> Iterator[EnginePool]:
+    with EnginePool(model=str(tiny_dir), world_size=2, device="cpu") as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def small_pool(tiny_dir) -> Iterator[EnginePool]:
     """A pool of its own for destructive tests, with a small visual-token limit."""
-    with EnginePool(world_size=2, device="cpu", limits=SMALL_LIMITS) as p:
+    with EnginePool(model=str(tiny_dir), world_size=2, device="cpu", limits=SMALL_LIMITS) as p:
         yield p
 
 
@@ -158,10 +164,10 @@ def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_vid
     assert _answer(small_pool, _request(example_video)).visual_tokens <= SMALL_LIMITS.max_visual_tokens
 
 
-def _predicted_attn_pairs(request: Request, result: Result) -> list[float]:
+def _predicted_attn_pairs(request: Request, result: Result, model_dir) -> list[float]:
     """Per-rank attention pairs of the request's prefill, from the strategy's own plan: its prefill rerun on
     random q/k/v of the model's head shapes, one layer, times the number of layers."""
-    text = AutoConfig.from_pretrained(default_model_path()).text_config
+    text = AutoConfig.from_pretrained(model_dir).text_config
     hq, hkv, d = text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
     strategy = get_strategy(attention_config(request))
     plan = strategy.plan(result.n_context, result.n_query, result.world_size)
@@ -177,7 +183,7 @@ def _predicted_attn_pairs(request: Request, result: Result) -> list[float]:
 
 
 @pytest.mark.parametrize("strategy, world_size", [("apbv", 2), ("ring", 2), ("dense", 1)])
-def test_metrics_add_up(pool, example_video, strategy, world_size):
+def test_metrics_add_up(pool, example_video, tiny_dir, strategy, world_size):
     request = _request(example_video, strategy=strategy, world_size=world_size, num_frames=8, max_new_tokens=6)
     result = _answer(pool, request)
     assert result.world_size == world_size and [m.rank for m in result.ranks] == list(range(world_size))
@@ -196,4 +202,4 @@ def test_metrics_add_up(pool, example_video, strategy, world_size):
         assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
     first = [m.spans[0] for m in result.ranks]
     assert all(s.start >= first[0].end for s in first[1:])  # one time axis: other ranks start after rank 0's read
-    assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result)
+    assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result, tiny_dir)

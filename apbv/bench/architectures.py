@@ -35,14 +35,22 @@ ARCHITECTURES = {
         "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                  "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
     },
+    "tiny": {  # for checking the benchmarks themselves on a CPU
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "mrope_section": [2, 3, 3]},
+        "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                   "fullatt_block_indexes": [1]},
+    },
 }
 
 
 def architecture_config(name: str) -> Qwen2_5_VLConfig:
     arch = ARCHITECTURES[name]
-    text = {**arch["text"], "max_position_embeddings": 128000,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
-    return tiny_config(text_config=text, vision_config={**_VISION, "out_hidden_size": text["hidden_size"]})
+    text = dict(arch["text"])
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": text.pop("mrope_section", [16, 24, 24])}
+    text |= {"max_position_embeddings": 128000, "rope_parameters": rope}
+    vision = {**_VISION, **arch.get("vision", {}), "out_hidden_size": text["hidden_size"]}
+    return tiny_config(text_config=text, vision_config=vision)
 
 
 def random_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
@@ -53,14 +61,13 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfl
     return model.eval()
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every model benchmark shares: architecture, device, warm-up and repeat counts, JSON output."""
+def add_run_arguments(parser: argparse.ArgumentParser, warmup: int = 1, repeats: int = 3) -> None:
+    """The options every model benchmark shares: architecture, frame counts, device, warm-up and repeat counts."""
     parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2.5-vl-3b")
-    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--frames", type=int, nargs="+", default=[64])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs; the median is reported")
 
 
 def model_dtype(device: torch.device) -> torch.dtype:

@@ -3,8 +3,9 @@
     python -m apbv.bench.prefill --arch qwen2.5-vl-3b --resolutions 360p 720p --frames 64 [--json out.json]
 
 Both paths run the same randomly initialised bf16 model on the same synthetic frames: vision encoder + language
-model prefill + logits of the last token. transformers' forward uses SDPA for text attention (PyTorch picks its
-fastest kernel); ours routes text attention through `apbv.attention.kernels.attend` (cuDNN/flash with lse).
+model prefill + logits of the last token. transformers' forward uses SDPA (PyTorch picks its fastest kernel; the
+vision tower loops over its windows); ours routes text attention through `apbv.attention.kernels.attend`
+(cuDNN/flash with lse) and the vision tower through packed attention (`apbv.model.vision_attention`).
 Timing: warm-ups, then the median of --repeats runs, each synchronised. Also reports the relative difference
 of the two paths' last-token logits (bf16: a few 1e-3 is expected).
 """
@@ -12,6 +13,7 @@ of the two paths' last-token logits (bf16: a few 1e-3 is expected).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolutions", nargs="+", default=["360p", "720p"])
     add_run_arguments(p)
+    p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dense = get_strategy(AttentionConfig("dense"))
     comm = Comm.single(device)
     rows = []
-    for resolution in args.resolutions:
-        video = synthetic_video(resolution, args.frames)
+    for resolution, frames in itertools.product(args.resolutions, args.frames):
+        video = synthetic_video(resolution, frames)
         inputs = prepare_inputs(tokenizer, video, "What is in this video?", spec)
         kwargs = {k: v.to(device) for k, v in inputs.model_kwargs().items()}
         kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(dtype)
@@ -89,13 +92,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t_hf, ref = timed(transformers_forward, device, args.warmup, args.repeats)
         t_ours, got = timed(ours, device, args.warmup, args.repeats)
         row = {
-            "arch": args.arch, "resolution": resolution, "frames": args.frames,
+            "arch": args.arch, "resolution": resolution, "frames": frames,
             "tokens": int(inputs.input_ids.numel()), "visual_tokens": inputs.visual_tokens,
             "transformers_s": t_hf, "ours_dense_s": t_ours, "ours_over_transformers": t_ours / t_hf,
             "logits_rel_diff": float((got - ref).norm() / ref.norm()),
         }
         rows.append(row)
-        print(f"{args.arch} {resolution} x{args.frames}: {row['tokens']} tokens  transformers {t_hf * 1e3:.1f} ms  "
+        print(f"{args.arch} {resolution} x{frames}: {row['tokens']} tokens  transformers {t_hf * 1e3:.1f} ms  "
               f"ours(dense) {t_ours * 1e3:.1f} ms  ratio {row['ours_over_transformers']:.3f}  "
               f"logits rel diff {row['logits_rel_diff']:.2e}", flush=True)
     if args.json_path:

@@ -1,7 +1,7 @@
 """End-to-end speed of prefill + first token per strategy on a real architecture (random bf16 weights).
 
-    python -m apbv.bench.speed --arch qwen2.5-vl-3b --resolution 1440p --frames 64 --world-size 8 \
-        [--strategies dense,ring,star,apb,apbv] [--warmup 1] [--repeats 3] [--json out.json]
+    python -m apbv.bench.speed --arch qwen2.5-vl-3b --resolutions 360p 720p 1080p 1440p --frames 16 32 64 128 \
+        --world-size 8 [--strategies dense,ring,star,apb,apbv] [--warmup 3] [--repeats 5] [--out PREFIX]
 
 Each measured run is the paper's speed-test unit: frame-parallel vision encoder + sharded prefill + one generated
 token (frames are patchified beforehand, as the reference's preprocessing is not timed either). Dense runs on one
@@ -13,8 +13,10 @@ strategies run as threads on one device, one at a time (apbv.bench.threads): the
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -75,40 +77,96 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", default="1440p")
+    p.add_argument("--resolutions", nargs="+", default=["1440p"])
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    add_run_arguments(p)
+    p.add_argument("--out", type=Path, help="PREFIX: PREFIX.jsonl (a line per point, written as it is measured), "
+                   "PREFIX.md (table) and PREFIX.html (speedup vs frames)")  # fmt: skip
+    add_run_arguments(p, warmup=3, repeats=5)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = model_dtype(device)
     rank_model = QwenVLRank(random_model(args.arch, device, dtype))
-    spec = ProcessorSpec()
-    video = synthetic_video(args.resolution, args.frames)
-    prompt = build_prompt(build_tokenizer(), video, "What is in this video?", spec)
-    print(f"{args.arch} {args.resolution} x{args.frames}: {prompt.input_ids.numel()} tokens "
-          f"({prompt.visual_tokens} visual), W={args.world_size}", flush=True)
+    spec, tokenizer = ProcessorSpec(), build_tokenizer()
+    meta = vars(args) | environment(device) | {"out": str(args.out) if args.out else None}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".jsonl").write_text("")
     rows = []
-    for name in [s for s in args.strategies.split(",") if s]:
-        w = 1 if name == "dense" else args.world_size
-        try:
-            row = run_strategy(name, rank_model, prompt, shards(video.frames, w, spec, device, dtype), w, args)
-        except torch.cuda.OutOfMemoryError:
-            row = {"strategy": name, "world_size": w, "oom": True}
-            torch.cuda.empty_cache()
-        rows.append(row)
-    dense = next((r for r in rows if r["strategy"] == "dense" and "slowest_rank_s" in r), None)
-    for r in rows:
-        if dense and "slowest_rank_s" in r:
-            r["speedup_vs_dense"] = dense["slowest_rank_s"] / r["slowest_rank_s"]
-        print(f"{r['strategy']:6} W={r['world_size']}  " + ("OOM" if r.get("oom") else
-              f"slowest {r['slowest_rank_s'] * 1e3:9.1f} ms  mean {r['mean_rank_s'] * 1e3:9.1f} ms  "
-              f"speedup {r.get('speedup_vs_dense', float('nan')):6.2f}x  pair balance {r['attn_pair_balance']:.3f}  "
-              f"{r['timing']}"), flush=True)
-    if args.json_path:
-        write_json(args.json_path, vars(args) | environment(device) | {"tokens": int(prompt.input_ids.numel())}, rows)
+    for resolution in args.resolutions:
+        for frames in args.frames:
+            video = synthetic_video(resolution, frames)
+            prompt = build_prompt(tokenizer, video, "What is in this video?", spec)
+            point = {"arch": args.arch, "resolution": resolution, "frames": frames,
+                     "tokens": int(prompt.input_ids.numel()), "visual_tokens": prompt.visual_tokens}  # fmt: skip
+            print(f"{args.arch} {resolution} x{frames}: {point['tokens']} tokens, W={args.world_size}", flush=True)
+            point_rows = []
+            for name in [s for s in args.strategies.split(",") if s]:
+                w = 1 if name == "dense" else args.world_size
+                try:
+                    row = run_strategy(name, rank_model, prompt, shards(video.frames, w, spec, device, dtype), w, args)
+                except torch.cuda.OutOfMemoryError:
+                    row = {"strategy": name, "world_size": w, "oom": True}
+                    torch.cuda.empty_cache()
+                point_rows.append(point | row)
+            _add_speedups(point_rows)
+            for row in point_rows:
+                print("  " + _line(row), flush=True)
+                if args.out:
+                    with args.out.with_suffix(".jsonl").open("a") as f:
+                        f.write(json.dumps({"meta": meta, **row}) + "\n")
+            rows += point_rows
+    if args.out:
+        args.out.with_suffix(".md").write_text(to_markdown(meta, rows))
+        speedup_figure(rows).write_html(args.out.with_suffix(".html"), include_plotlyjs="cdn")
     return rows
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_S: S's latency over this row's, for every strategy S measured at this point."""
+    latency = {r["strategy"]: r["slowest_rank_s"] for r in rows if "slowest_rank_s" in r}
+    for r in rows:
+        if "slowest_rank_s" in r:
+            r.update({f"speedup_vs_{s}": t / r["slowest_rank_s"] for s, t in latency.items()})
+
+
+def _line(r: dict) -> str:
+    if r.get("oom"):
+        return f"{r['strategy']:6} W={r['world_size']}  OOM"
+    return (f"{r['strategy']:6} W={r['world_size']}  slowest {r['slowest_rank_s'] * 1e3:9.1f} ms  "
+            f"mean {r['mean_rank_s'] * 1e3:9.1f} ms  speedup {r.get('speedup_vs_dense', 1.0):6.2f}x  "
+            f"pair balance {r['attn_pair_balance']:.3f}  {r['timing']}")  # fmt: skip
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    """One table: a line per (resolution, frames), latency and speedup vs dense per strategy."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    lines = [f"# Speed: {meta['arch']}, prefill + first token, W = {meta['world_size']}", "",
+             f"`{meta['command']}`  ", f"{meta['date']}; {meta['device_name']}; torch {meta['torch']}, "
+             f"transformers {meta['transformers']}. W > 1: {PROJECTED}. Latency (speedup vs dense).", "",
+             "| resolution | frames | tokens | " + " | ".join(strategies) + " |",
+             "|---|---|---|" + "---|" * len(strategies)]  # fmt: skip
+    points = dict.fromkeys((r["resolution"], r["frames"], r["tokens"]) for r in rows)
+    for resolution, frames, tokens in points:
+        cells = []
+        for s in strategies:
+            r = next(r for r in rows if (r["resolution"], r["frames"], r["strategy"]) == (resolution, frames, s))
+            cells.append("OOM" if r.get("oom") else
+                         f"{r['slowest_rank_s'] * 1e3:,.0f} ms ({r.get('speedup_vs_dense', float('nan')):.2f}x)")
+        lines.append(f"| {resolution} | {frames} | {tokens:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def speedup_figure(rows: list[dict]):
+    """Speedup vs dense over frames, one panel per resolution, one line per strategy."""
+    import plotly.express as px
+
+    data = [r for r in rows if "speedup_vs_dense" in r]
+    fig = px.line(data, x="frames", y="speedup_vs_dense", color="strategy", facet_col="resolution", markers=True,
+                  labels={"speedup_vs_dense": "speedup vs dense (1 GPU)"},
+                  title=f"Prefill + first token speedup vs dense; W > 1 {PROJECTED}")  # fmt: skip
+    return fig
 
 
 if __name__ == "__main__":

@@ -109,6 +109,10 @@ class EnginePool:
 
     model: hub id or local path (None: the embedded model); world_size: ranks (None: visible GPUs, else 2 CPU
     ranks); device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce.
+
+    attach: "HOST:PORT" of rank 0 of workers started elsewhere, e.g. by torchrun on several nodes (README); the
+    key is APBV_AUTHKEY, world size, device and model are theirs. The pool then starts no process: after a
+    failure it reconnects (torchrun --max-restarts restarts the ranks); close() shuts the workers down.
     """
 
     def __init__(
@@ -119,11 +123,13 @@ class EnginePool:
         queue_size: int = 8,
         request_timeout_s: float = 600.0,
         limits: Limits = Limits(),
+        attach: str | None = None,
     ) -> None:
+        self.attach = attach
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         gpus = torch.cuda.device_count() if self.device == "cuda" else 0
         self.world_size = world_size or (gpus or 2)
-        if self.device == "cuda" and self.world_size > gpus:
+        if self.device == "cuda" and self.world_size > gpus and attach is None:
             raise ValueError(f"{self.world_size} ranks requested but only {gpus} GPUs are visible")
         self.model = model
         self.request_timeout_s = request_timeout_s
@@ -178,7 +184,10 @@ class EnginePool:
             self._cancel.add(request_id)
 
     def health(self) -> dict:
-        alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
+        if self.attach:
+            alive = self._conn is not None and not self._conn.closed
+        else:
+            alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
         return {"alive": alive, "world_size": self.world_size, "device": self.device, "model": self.model or "embedded",
                 "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs]}
 
@@ -197,6 +206,10 @@ class EnginePool:
 
     # ---- workers ---------------------------------------------------------------------------------------------
     def _spawn(self) -> None:
+        if self.attach:
+            self._handshake(self.attach, bytes.fromhex(os.environ["APBV_AUTHKEY"]))
+            self.world_size, self.device = self.info["world_size"], self.info["device"]
+            return
         authkey = secrets.token_bytes(16)
         listen = f"127.0.0.1:{_free_port()}"
         base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -212,9 +225,13 @@ class EnginePool:
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             log = open(self._logs / f"rank{rank}.log", "ab")
             self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        self._handshake(listen, authkey)
+
+    def _handshake(self, listen: str, authkey: bytes) -> None:
         self._conn = self._connect(listen, authkey)
         kind, info = self._conn.recv()
-        assert kind == "ready", kind
+        if kind != "ready":
+            raise EngineError(f"rank 0 at {listen} answered {kind!r} instead of ready")
         self.info = info
 
     def _connect(self, listen: str, authkey: bytes) -> Connection:

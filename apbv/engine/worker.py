@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     def accept_pool(info: dict) -> PoolChannel:
         host, port = args.listen.rsplit(":", 1)
         with Listener((host, int(port)), authkey=bytes.fromhex(os.environ["APBV_AUTHKEY"])) as listener:
+            print(f"rank 0 listening on {args.listen} for the pool", file=sys.stderr, flush=True)
             return PoolChannel(listener.accept(), info)
 
     serve(args.model, accept_pool, Limits(**json.loads(args.limits)))
