@@ -14,7 +14,7 @@ import sys
 
 from apbv.config import STRATEGIES
 from apbv.engine.api import Event, Request, Result
-from apbv.errors import ApbvError, InputError
+from apbv.errors import ApbvError, InputError, error_from_code
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 1
@@ -82,7 +82,7 @@ class _Printer:
     def finish(self) -> int:
         if self.error is not None:
             print(f"error: {self.error['message']}", file=sys.stderr)
-            return EXIT_ENGINE if self.error["code"] in ("worker_died", "out_of_memory", "engine") else EXIT_BAD_INPUT
+            return EXIT_BAD_INPUT if isinstance(error_from_code(**self.error), InputError) else EXIT_ENGINE
         if self.as_json:
             print(json.dumps(self.result.to_dict()))
         else:

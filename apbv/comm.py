@@ -122,9 +122,6 @@ class Comm:
             self._all_reduce_max(tensor)
         return tensor
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
     # ---- primitives (overridden by other transports) ------------------------------------------------------
 
     def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
@@ -163,9 +160,6 @@ class SingleRankComm(Comm):
         self.rank = 0
         self.world_size = 1
         self.device = torch.device(device)
-
-    def barrier(self) -> None:
-        pass
 
     def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
         return lambda: [tensor]

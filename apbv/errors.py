@@ -84,3 +84,9 @@ class Cancelled(EngineError):
 
 class OutOfMemory(EngineError):
     code = "out_of_memory"
+
+
+def error_from_code(code: str, message: str) -> ApbvError:
+    """The typed error of a `code` (as sent between processes); unknown codes become a generic EngineError."""
+    by_code = {c.code: c for c in globals().values() if isinstance(c, type) and issubclass(c, ApbvError)}
+    return by_code.get(code, EngineError)(message)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from apbv.attention import get_strategy
@@ -102,8 +101,6 @@ def ask(
     if record_layers:
         strategy = _RecordingStrategy(strategy, recorder)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids)
-    world = ThreadWorld(world_size, loaded.rank_model.device)
-
     def rank_fn(rank: int, comm: Comm) -> tuple[list[int], Tensor | None, float]:
         view = _FirstLogits(model)
         frames = video.frames[2 * patches[rank].start : 2 * patches[rank].stop]
@@ -113,7 +110,8 @@ def ask(
         ids = list(generate(view, prompt, shard, strategy, comm, metrics, sampling))
         return ids, view.first, metrics.counters.get("attn_pairs", 0.0)
 
-    results = world.run(rank_fn)
+    with ThreadWorld(world_size, loaded.rank_model.device) as world:
+        results = world.run(rank_fn)
     ids = results[0][0]
     first = next(r[1] for r in results if r[1] is not None)
     layers = [recorder.outputs[i] for i in sorted(recorder.outputs)] if record_layers else None

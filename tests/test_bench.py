@@ -43,11 +43,14 @@ def test_thread_comm_matches_gloo_bitwise():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the gloo workers run single-threaded too
     try:
-        world = ThreadWorld(3)
-        local = world.run(_outputs)
+        with ThreadWorld(3) as world:
+            local = world.run(_outputs)
+            assert len({id(t) for t in world._threads}) == 3 and all(t.is_alive() for t in world._threads)
+            threads_of_run = list(world._threads)
     finally:
         torch.set_num_threads(threads)
     assert all(b > 0 for b in world.busy)
+    assert not any(t.is_alive() for t in threads_of_run)  # closed with the world
     for g_rank, t_rank in zip(gloo, local):
         assert g_rank.keys() == t_rank.keys()
         for name in g_rank:
@@ -62,7 +65,8 @@ def test_thread_world_reports_failures():
         return comm.all_gather(torch.zeros(1))
 
     try:
-        ThreadWorld(3).run(fail_on_one)
+        with ThreadWorld(3) as world:
+            world.run(fail_on_one)
     except ValueError as exc:
         assert "boom" in str(exc)
     else:

@@ -1,7 +1,7 @@
 """The engine pool (issue 4) with real worker processes: the seeded random tiny model, CPU, 2 gloo ranks.
 
 The random model (unlike the trained embedded one) does not stop early, so long requests are still decoding when
-a test cancels or kills. Non-destructive cases share this module's `pool`; killing workers and the small token
+a test cancels or kills. Non-destructive cases share this module's `random_pool`; killing workers and the small token
 limit use a pool of their own. Every wait has a timeout, so a hung engine fails the test instead of stalling the run.
 """
 
@@ -49,7 +49,7 @@ def _answer(pool: EnginePool, request: Request) -> Result:
 
 
 @pytest.fixture(scope="module")
-def pool(tiny_dir) -> Iterator[EnginePool]:
+def random_pool(tiny_dir) -> Iterator[EnginePool]:
     with EnginePool(model=str(tiny_dir), world_size=2, device="cpu") as p:
         yield p
 
@@ -61,7 +61,7 @@ def small_pool(tiny_dir) -> Iterator[EnginePool]:
         yield p
 
 
-def test_concurrent_clients_each_get_a_result_or_busy(pool, example_video):
+def test_concurrent_clients_each_get_a_result_or_busy(random_pool, example_video):
     """20 submissions from 4 threads at once: the 8-slot queue overflows (Busy at submit), the rest all finish."""
     outcomes: list[Result | str] = []
     start = threading.Barrier(4)
@@ -71,7 +71,7 @@ def test_concurrent_clients_each_get_a_result_or_busy(pool, example_video):
         handles = []
         for _ in range(5):
             try:
-                handles.append(pool.submit(_request(example_video, max_new_tokens=2)))
+                handles.append(random_pool.submit(_request(example_video, max_new_tokens=2)))
             except Busy:
                 outcomes.append("busy")
         outcomes.extend(h.result(timeout=WAIT_S) for h in handles)
@@ -88,26 +88,26 @@ def test_concurrent_clients_each_get_a_result_or_busy(pool, example_video):
     for r in results:
         assert r.answer == results[0].answer and r.token_ids and r.wall_s > 0  # greedy: the same answer
         assert [m.rank for m in r.ranks] == [0, 1] and all(m.spans and m.totals for m in r.ranks)
-    assert pool.health()["queued"] == 0
+    assert random_pool.health()["queued"] == 0
 
 
-def test_cancel_mid_request_and_while_queued(pool, example_video):
-    running = pool.submit(_request(example_video, max_new_tokens=LONG))
-    waiting = pool.submit(_request(example_video))
-    pool.cancel(waiting.request_id)
+def test_cancel_mid_request_and_while_queued(random_pool, example_video):
+    running = random_pool.submit(_request(example_video, max_new_tokens=LONG))
+    waiting = random_pool.submit(_request(example_video))
+    random_pool.cancel(waiting.request_id)
     kinds = []
     for event in running.events(timeout=WAIT_S):
         kinds.append(event.kind)
         if kinds.count("token") == 1:
-            pool.cancel(running.request_id)
+            random_pool.cancel(running.request_id)
     assert kinds[-1] == "cancelled" and 1 <= kinds.count("token") < LONG  # honoured at a token boundary
     assert [e.kind for e in waiting.events(timeout=WAIT_S)] == ["queued", "cancelled"]  # never started
-    assert _answer(pool, _request(example_video)).token_ids
+    assert _answer(random_pool, _request(example_video)).token_ids
 
 
-def test_long_request_runs_to_its_limit_without_cancel(pool, example_video):
+def test_long_request_runs_to_its_limit_without_cancel(random_pool, example_video):
     """The premise of the cancel and kill tests: a LONG request is still decoding when they act."""
-    assert len(_answer(pool, _request(example_video, max_new_tokens=LONG)).token_ids) == LONG
+    assert len(_answer(random_pool, _request(example_video, max_new_tokens=LONG)).token_ids) == LONG
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0"])
@@ -136,7 +136,9 @@ def _bad_request(case: str, videos: dict, example_video: str) -> Request:
     if case in ("text", "truncated"):
         return _request(str(videos[case]))
     overrides = {"empty_question": {"question": "  "}, "too_few_frames": {"num_frames": 2},
-                 "dense_on_two_ranks": {"strategy": "dense", "world_size": 2}}  # fmt: skip
+                 "dense_on_two_ranks": {"strategy": "dense", "world_size": 2}, "zero_frames": {"num_frames": 0},
+                 "negative_fps": {"num_frames": None, "fps": -1.0}, "anchor_ratio_above_1": {"anchor_ratio": 2.0},
+                 "top_p_zero": {"temperature": 0.7, "top_p": 0.0}, "no_new_tokens": {"max_new_tokens": 0}}  # fmt: skip
     return _request(example_video, **overrides[case])
 
 
@@ -146,16 +148,21 @@ BAD = {
     "empty_question": EmptyQuestion,
     "too_few_frames": TooFewFrames,
     "dense_on_two_ranks": InputError,
+    "zero_frames": InputError,
+    "negative_fps": InputError,
+    "anchor_ratio_above_1": InputError,
+    "top_p_zero": InputError,
+    "no_new_tokens": InputError,
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_request_gets_its_typed_error_and_the_pool_keeps_serving(pool, videos, example_video, case):
+def test_bad_request_gets_its_typed_error_and_the_pool_keeps_serving(random_pool, videos, example_video, case):
     with pytest.raises(InputError) as info:
-        _answer(pool, _bad_request(case, videos, example_video))
+        _answer(random_pool, _bad_request(case, videos, example_video))
     assert type(info.value) is BAD[case] and str(info.value)
-    assert _answer(pool, _request(example_video)).token_ids
-    assert pool.health()["restarts"] == 0  # bad input never costs a restart
+    assert _answer(random_pool, _request(example_video)).token_ids
+    assert random_pool.health()["restarts"] == 0  # bad input never costs a restart
 
 
 def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_video):
@@ -179,13 +186,14 @@ def _predicted_attn_pairs(request: Request, result: Result, model_dir) -> list[f
         strategy.prefill(q, k, v, plan, 0, comm, recorder)
         return recorder.counters["attn_pairs"] * text.num_hidden_layers
 
-    return ThreadWorld(result.world_size).run(one_layer)
+    with ThreadWorld(result.world_size) as world:
+        return world.run(one_layer)
 
 
 @pytest.mark.parametrize("strategy, world_size", [("apbv", 2), ("ring", 2), ("dense", 1)])
-def test_metrics_add_up(pool, example_video, tiny_dir, strategy, world_size):
+def test_metrics_add_up(random_pool, example_video, tiny_dir, strategy, world_size):
     request = _request(example_video, strategy=strategy, world_size=world_size, num_frames=8, max_new_tokens=6)
-    result = _answer(pool, request)
+    result = _answer(random_pool, request)
     assert result.world_size == world_size and [m.rank for m in result.ranks] == list(range(world_size))
     for m in result.ranks:
         names = [s.name for s in m.spans]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from apbv.engine.api import Request
 from ui.controls import with_strategy
 from ui.runner import STAGES, run, stream
+from ui.video_info import estimate_visual_tokens, probe
 
 
 def test_stream_reports_stages_tokens_and_the_result(pool, example_video):
@@ -27,3 +28,15 @@ def test_empty_question_ends_in_a_readable_error_and_the_pool_keeps_serving(pool
     bad = run(pool, Request(example_video, "   ", num_frames=8))
     assert (bad.finished, bad.ok, bad.error_code) == (True, False, "empty_question")
     assert run(pool, Request(example_video, "What moves?", num_frames=8, max_new_tokens=4)).ok
+
+
+def test_page_estimate_equals_the_engines_visual_tokens(pool, example_video):
+    """The page's estimate uses the model's own pixel bounds (112x112 frames for the embedded model)."""
+    health = pool.health()
+    assert health["video_pixels"] == {"min_pixels": 4 * 28 * 28, "max_pixels": 112 * 112}
+    info = probe(example_video)
+    for frames, max_pixels in ((8, None), (16, 56 * 56)):
+        pixels = health["video_pixels"] | ({"max_pixels": max_pixels} if max_pixels else {})
+        result = run(pool, Request(example_video, "What color?", num_frames=frames, max_pixels=max_pixels,
+                                   max_new_tokens=1)).result  # fmt: skip
+        assert estimate_visual_tokens(info, frames, None, pixels) == result.visual_tokens

@@ -172,12 +172,12 @@ def test_anchored_strategies_match_the_oracle(ranks, case):
 
 
 def test_approximation_is_real(ranks):
-    """Guard against a vacuous oracle: with a small budget and W >= 2, APB-V differs from dense on context rows."""
+    """Guard against a vacuous oracle: with a small budget APB-V differs from dense on context rows, at every W
+    (one rank still holds two zigzag virtual hosts, the second seeing only the first's passing blocks)."""
     world, results = ranks
     c = CASES[0]
     out = _assemble([r["cases"][0] for r in results], "apbv", c)
-    gap = (out.double() - _dense(c))[:, : c.n].abs().max().item()
-    assert gap > 1e-3 if world > 1 else gap >= 0
+    assert (out.double() - _dense(c))[:, : c.n].abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

@@ -61,7 +61,8 @@ def build_page(
     """The whole page, wired to `pool`; `examples` may be empty."""
     health = pool.health()
     world_size = int(health["world_size"])
-    max_visual_tokens = Limits().max_visual_tokens
+    max_visual_tokens = int(health["max_visual_tokens"])
+    model_pixels = dict(health["video_pixels"])  # the checkpoint's per-frame bounds, as the engine reads videos
 
     with gr.Blocks(title="APB-V Video QA") as demo:
         chat = gr.State([])  # messages of answered turns
@@ -125,7 +126,8 @@ def build_page(
                 return video_text(None, 0, None, max_visual_tokens), None, _history(runs_, None)
             nf = int(frames_) if sample_by_ == SAMPLE_BY_FRAMES and frames_ else None
             f = None if nf else float(fps_)
-            tokens = estimate_visual_tokens(info, nf, f, int(max_pixels_) or None)
+            pixels = model_pixels | ({"max_pixels": int(max_pixels_)} if max_pixels_ else {})
+            tokens = estimate_visual_tokens(info, nf, f, pixels)
             text = video_text(info, sampled_frames(info, nf, f), tokens, max_visual_tokens)
             return text, tokens, _history(runs_, tokens)
 

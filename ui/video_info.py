@@ -21,7 +21,8 @@ def sampled_frames(info: VideoInfo, num_frames: int | None, fps: float | None) -
     return sample_frame_count(info.frame_count, info.fps, num_frames=num_frames or None, fps=None if num_frames else fps)
 
 
-def estimate_visual_tokens(info: VideoInfo, num_frames: int | None, fps: float | None, max_pixels: int | None) -> int:
-    """Visual tokens the engine will build for these settings."""
+def estimate_visual_tokens(info: VideoInfo, num_frames: int | None, fps: float | None, pixels: dict[str, int]) -> int:
+    """Visual tokens the engine will build for these settings; `pixels`: the per-frame bounds it reads videos
+    with (`ProcessorSpec.read_video_pixels`: the model's, a request's max_pixels over them)."""
     frames = sampled_frames(info, num_frames, fps)
-    return int(_estimate(info.height, info.width, frames, **({"max_pixels": max_pixels} if max_pixels else {})))
+    return int(_estimate(info.height, info.width, frames, **pixels))

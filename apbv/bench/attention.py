@@ -59,11 +59,12 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         strategy.prefill(*local[rank], plan, 0, comm, metrics)
         return dict(metrics.counters)
 
-    world.run(layer)  # warm-up
     times, counters = [], None
-    for _ in range(args.repeats):
-        counters = world.run(layer)
-        times.append(list(world.busy))
+    with world:
+        world.run(layer)  # warm-up
+        for _ in range(args.repeats):
+            counters = world.run(layer)
+            times.append(list(world.busy))
     per_rank = [statistics.median(t[r] for t in times) for r in range(world_size)]
     pairs = [c.get("attn_pairs", 0.0) for c in counters]
     mean_pairs = statistics.mean(pairs)

@@ -31,7 +31,7 @@ from apbv.model.tiny import build_tokenizer
 from apbv.video import synthetic_video
 
 from .architectures import add_run_arguments, model_dtype, random_model
-from .record import environment, write_json
+from .record import environment
 from .threads import ThreadWorld
 
 PROJECTED = "projected (sequential ranks, no communication)"
@@ -59,12 +59,13 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
         list(generate(rank_model, prompt, video_shards[rank], strategy, comm, metrics, sampling))
         return metrics.finish().to_dict()
 
-    for _ in range(args.warmup):
-        world.run(request)
     busy, records = [], None
-    for _ in range(args.repeats):
-        records = world.run(request)
-        busy.append(list(world.busy))
+    with world:
+        for _ in range(args.warmup):
+            world.run(request)
+        for _ in range(args.repeats):
+            records = world.run(request)
+            busy.append(list(world.busy))
     per_rank = [statistics.median(b[r] for b in busy) for r in range(world_size)]
     pairs = [rec["counters"].get("attn_pairs", 0.0) for rec in records]
     return {

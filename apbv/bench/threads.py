@@ -63,11 +63,27 @@ class ThreadWorld:
             raise errors[0].exc
         return [outcomes[r] for r in range(self.world_size)]
 
+    def close(self) -> None:
+        """Stop the rank threads (a later `run` starts new ones)."""
+        for inbox in self._inbox if self._threads else []:
+            inbox.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    def __enter__(self) -> "ThreadWorld":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _serve(self, rank: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while True:
             fn = self._inbox[rank].get()
+            if fn is None:
+                return
             self.acquire(rank)
             try:
                 outcome = fn(rank, ThreadComm(self, rank))
@@ -79,6 +95,7 @@ class ThreadWorld:
             finally:
                 self.release(rank)
             self._outbox.put((rank, outcome))
+            del fn, outcome  # a finished run's inputs and results belong to the caller only
 
     def acquire(self, rank: int) -> None:
         self._device_lock.acquire()
@@ -101,9 +118,6 @@ class ThreadComm(Comm):
         self.world_size = world.world_size
         self.device = world.device
         self._counters: dict[tuple, int] = {}
-
-    def barrier(self) -> None:
-        self._all_gather(torch.zeros(1))()
 
     def _key(self, *kind: Any) -> tuple:
         n = self._counters.get(kind, 0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from apbv.config import STRATEGIES, Limits
+from apbv.errors import EmptyQuestion, InputError
 from apbv.metrics import RankMetrics
 
 
@@ -34,6 +36,33 @@ class Request:
     seed: int = 0
     anchor_ratio: float | None = None
     passing_ratio: float | None = None
+
+    def check(self, engine_world_size: int, limits: Limits) -> int:
+        """Reject a request bad on its face (InputError subclasses); returns the ranks it runs on."""
+        if not self.question or not self.question.strip():
+            raise EmptyQuestion("the question is empty")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        w = self.world_size or engine_world_size
+        if not 1 <= w <= engine_world_size:
+            raise InputError(f"world_size {w} is outside 1..{engine_world_size} (ranks in this engine)")
+        if self.strategy == "dense" and w != 1:
+            raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
+        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise InputError(f"max_new_tokens {self.max_new_tokens} is outside 1..{limits.max_new_tokens}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise InputError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.fps is not None and not self.fps > 0:
+            raise InputError(f"fps must be > 0, got {self.fps}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise InputError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
+            raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+        for name in ("anchor_ratio", "passing_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise InputError(f"{name} must be within [0, 1], got {value}")
+        return w
 
 
 @dataclass

@@ -19,7 +19,7 @@ from apbv.attention.layout import split_temporal_patches
 from apbv.comm import Comm
 from apbv.config import AttentionConfig, Limits
 from apbv.engine.api import Request
-from apbv.errors import InputError, TooFewFrames
+from apbv.errors import TooFewFrames
 from apbv.inputs import ProcessorSpec, Prompt, build_prompt, patchify
 from apbv.metrics import READ, MetricsRecorder
 from apbv.model.generate import SamplingParams, VideoShard, generate
@@ -62,11 +62,8 @@ def prepare_job(
     stop_ids: tuple[int, ...],
     metrics: MetricsRecorder,
 ) -> tuple[JobHeader, np.ndarray]:
-    """Rank 0: read the video and build the header; raises InputError subclasses for bad requests."""
-    if request.strategy == "dense" and world_size != 1:
-        raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
-    if request.max_new_tokens > limits.max_new_tokens:
-        raise InputError(f"max_new_tokens {request.max_new_tokens} exceeds the limit {limits.max_new_tokens}")
+    """Rank 0: read the video and build the header of a checked request (`Request.check`) on world_size ranks;
+    raises InputError subclasses for bad videos and requests too large or too short for the ranks."""
     with metrics.span("read"), metrics.timed(READ):
         video = read_video(
             request.video_path,
@@ -139,10 +136,10 @@ def run_job(
     yield from generate(rank_model, header.prompt, shard, strategy, comm, metrics, header.sampling, should_stop)
 
 
-def gather_metrics(metrics: dict | None, group: dist.ProcessGroup | None, world_size: int) -> list[dict]:
-    """Collect every rank's metrics record on rank 0 (ranks outside the job contribute None)."""
+def gather_metrics(metrics: dict | None, world_size: int) -> list[dict]:
+    """Collect every rank's metrics record on rank 0 over the world group (ranks outside the job give None)."""
     if world_size == 1:
         return [metrics] if metrics else []
     out: list[dict | None] = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object(metrics, out, dst=0, group=group)
+    dist.gather_object(metrics, out, dst=0)
     return [m for m in out or [] if m is not None]

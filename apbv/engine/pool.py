@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,8 +29,7 @@ from typing import Iterator
 
 import torch
 
-from apbv import errors
-from apbv.config import STRATEGIES, Limits
+from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.worker import EXIT_OUT_OF_MEMORY
 from apbv.model.loading import default_model_path
@@ -37,16 +37,14 @@ from apbv.errors import (
     ApbvError,
     Busy,
     Cancelled,
-    EmptyQuestion,
     EngineError,
-    InputError,
     OutOfMemory,
     RequestTimeout,
     VideoNotFound,
     WorkerDied,
+    error_from_code,
 )
 
-_ERRORS_BY_CODE = {c.code: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ApbvError)}
 TERMINAL = ("result", "error", "cancelled")
 START_TIMEOUT_S = 600.0
 
@@ -55,11 +53,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def error_from_event(data: dict) -> ApbvError:
-    """Rebuild the typed error a request ended with (unknown codes become a generic EngineError)."""
-    return _ERRORS_BY_CODE.get(data["code"], EngineError)(data["message"])
 
 
 class RequestHandle:
@@ -98,7 +91,7 @@ class RequestHandle:
             if event.kind == "result":
                 return Result.from_dict(event.data)
             if event.kind == "error":
-                raise error_from_event(event.data)
+                raise error_from_code(event.data["code"], event.data["message"])
             if event.kind == "cancelled":
                 raise Cancelled(f"request {self.request_id} was cancelled")
         raise EngineError("request ended without a result")
@@ -112,7 +105,8 @@ class EnginePool:
 
     attach: "HOST:PORT" of rank 0 of workers started elsewhere, e.g. by torchrun on several nodes (README); the
     key is APBV_AUTHKEY, world size, device and model are theirs. The pool then starts no process: after a
-    failure it reconnects (torchrun --max-restarts restarts the ranks); close() shuts the workers down.
+    failure it asks the workers to shut down and reconnects once torchrun (--max-restarts) has started them
+    again; a rank hung inside a collective is beyond its reach. close() shuts the workers down.
     """
 
     def __init__(
@@ -148,18 +142,32 @@ class EnginePool:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "EnginePool":
-        self._spawn()
+        """Start the ranks (or connect to them) and the engine thread; returns self."""
+        try:
+            self._spawn()
+        except BaseException:
+            self._shutdown_workers()
+            raise
         self._thread = threading.Thread(target=self._serve, name="apbv-engine", daemon=True)
         self._thread.start()
         return self
 
     def close(self) -> None:
+        """Fail what is queued or running with "engine closed", stop the engine thread and the ranks."""
         self._closing.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)  # every wait of the engine thread checks _closing within 0.1 s
         self._shutdown_workers()
-        while not self._queue.empty():
-            self._queue.get_nowait()._put(Event("error", {"code": EngineError.code, "message": "engine closed"}))
+        self._fail_queued(EngineError("engine closed"))
+        shutil.rmtree(self._logs, ignore_errors=True)
+
+    def _fail_queued(self, error: ApbvError) -> None:
+        while True:
+            try:
+                handle = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            handle._put(Event("error", {"code": error.code, "message": str(error)}))
 
     def __enter__(self) -> "EnginePool":
         return self.start()
@@ -172,37 +180,33 @@ class EnginePool:
         """Queue a request; raises Busy at once when the queue is full, InputError for requests bad on their face."""
         self._validate(request)
         handle = RequestHandle(f"req-{next(self._ids)}", request)
+        handle._put(Event("queued", {"position": self._queue.qsize() + 1}))  # first, before the engine sees it
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
             raise Busy(f"the engine is busy ({self._queue.maxsize} requests queued); try again shortly") from None
-        handle._put(Event("queued", {"position": self._queue.qsize()}))
         return handle
 
     def cancel(self, request_id: str) -> None:
+        """Cancel a queued request, or a running one at its next token."""
         with self._lock:
             self._cancel.add(request_id)
 
     def health(self) -> dict:
+        """Liveness, size, queue length, restarts, worker pids (empty when attached), and what the page needs to
+        estimate a request: the model's per-frame pixel bounds for `read_video` and the prompt-token limit."""
         if self.attach:
             alive = self._conn is not None and not self._conn.closed
         else:
             alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
         return {"alive": alive, "world_size": self.world_size, "device": self.device, "model": self.model or "embedded",
-                "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs]}
+                "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs],
+                "video_pixels": self.info.get("video_pixels", {}), "max_visual_tokens": self.limits.max_visual_tokens}
 
     def _validate(self, request: Request) -> None:
-        if not request.question or not request.question.strip():
-            raise EmptyQuestion("the question is empty")
-        if request.strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy {request.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        request.check(self.world_size, self.limits)
         if not os.path.isfile(request.video_path):
             raise VideoNotFound(f"no such video file: {request.video_path}")
-        w = request.world_size or self.world_size
-        if not 1 <= w <= self.world_size:
-            raise InputError(f"world_size {w} is outside 1..{self.world_size} (ranks in this engine)")
-        if request.strategy == "dense" and w != 1:
-            raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
 
     # ---- workers ---------------------------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -223,8 +227,8 @@ class EnginePool:
         self._procs = []
         for rank in range(self.world_size):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            log = open(self._logs / f"rank{rank}.log", "ab")
-            self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            with open(self._logs / f"rank{rank}.log", "ab") as log:
+                self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self._handshake(listen, authkey)
 
     def _handshake(self, listen: str, authkey: bytes) -> None:
@@ -239,6 +243,8 @@ class EnginePool:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             self._check_alive()
+            if self._closing.is_set():
+                raise EngineError("engine closed")
             try:
                 return Client((host, int(port)), authkey=authkey)
             except (ConnectionRefusedError, FileNotFoundError):
@@ -284,6 +290,8 @@ class EnginePool:
         for proc in self._procs:
             proc.wait()
         if self._conn is not None:
+            if self.attach:  # ask the remote ranks to exit, so that torchrun starts them afresh
+                self._send(("shutdown",))
             self._conn.close()
             self._conn = None
         self.restarts += 1
@@ -296,38 +304,53 @@ class EnginePool:
                 handle = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if handle.request_id in self._cancel:
-                handle._put(Event("cancelled", {}))
-                continue
             try:
+                if handle.request_id in self._cancel:
+                    handle._put(Event("cancelled", {}))
+                    continue
                 self._run(handle)
-            except ApbvError as err:
+            except Exception as err:  # noqa: BLE001  (never let the engine thread die: fail the request)
+                if not isinstance(err, ApbvError):
+                    err = EngineError(f"engine failure: {err!r}")
                 handle._put(Event("error", {"code": err.code, "message": str(err)}))
                 self._recover()
+            finally:
+                with self._lock:
+                    self._cancel.discard(handle.request_id)
 
     def _recover(self) -> None:
-        """Restart every rank after a failure; retries until it works or the pool closes."""
+        """Restart every rank after a failure; retries until it works or the pool closes. Requests queued
+        meanwhile fail at each failed attempt rather than wait on an engine that is down."""
         while not self._closing.is_set():
             try:
                 self._restart()
                 return
-            except ApbvError:
+            except Exception as err:  # noqa: BLE001  (start failures, refused or broken connections)
+                self._fail_queued(WorkerDied(f"the engine is restarting after a failure ({err})"))
                 time.sleep(1.0)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError, AttributeError):  # AttributeError: no connection at all
+            raise WorkerDied("lost the connection to rank 0") from None
 
     def _run(self, handle: RequestHandle) -> None:
         """Serve one request to its end; raises ApbvError when the workers failed (the caller restarts them)."""
         rid = handle.request_id
-        self._conn.send(("job", rid, handle.request))
+        self._send(("job", rid, handle.request))
         deadline = time.monotonic() + self.request_timeout_s
         cancel_sent = False
         while True:
+            if self._closing.is_set():
+                raise EngineError("engine closed")
             with self._lock:
                 wants_cancel = rid in self._cancel
             if wants_cancel and not cancel_sent:
-                self._conn.send(("cancel", rid))
+                self._send(("cancel", rid))
                 cancel_sent = True
             if time.monotonic() > deadline:
-                raise RequestTimeout(f"request took longer than {self.request_timeout_s:.0f} s; the engine was restarted")
+                raise RequestTimeout(f"request took longer than {self.request_timeout_s:.0f} s; the ranks are restarted")
             try:
                 has_msg = self._conn.poll(0.05)
             except (OSError, EOFError):

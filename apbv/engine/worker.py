@@ -32,7 +32,7 @@ from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.job import distribute_frames, gather_metrics, prepare_job, run_job
-from apbv.errors import ApbvError, Cancelled, InputError
+from apbv.errors import ApbvError, Cancelled
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
 
@@ -119,7 +119,8 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
     loaded = load_model(model, device)
     channel = None
     if rank == 0:
-        channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name})
+        channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name,
+                                "video_pixels": loaded.spec.read_video_pixels()})
     while True:
         header, frames, metrics = None, None, None
         if rank == 0:
@@ -137,7 +138,7 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
         if rank < header.world_size:
             comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
             record = _run_rank(header, frames, loaded, comm, channel, metrics)
-        records = gather_metrics(record, None, world_size)
+        records = gather_metrics(record, world_size)
         if rank == 0 and record is not None and not record.get("cancelled"):
             channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
         elif rank == 0 and record is not None:
@@ -160,9 +161,7 @@ def _next_job(channel: Channel, loaded: LoadedModel, limits: Limits, world_size:
             continue
         metrics = MetricsRecorder(0, device, on_span=lambda name: channel.send(request_id, "stage", {"name": name}))
         try:
-            w = request.world_size or world_size
-            if not 1 <= w <= world_size:
-                raise InputError(f"world_size {w} is outside 1..{world_size} (ranks in this engine)")
+            w = request.check(world_size, limits)
             header, frames = prepare_job(
                 request_id, request, w, loaded.tokenizer, loaded.spec, limits, loaded.stop_ids, metrics
             )
@@ -202,9 +201,11 @@ def _run_rank(header, frames, loaded: LoadedModel, comm: Comm, channel: Channel 
 
 
 class _TokenStream:
-    """Incremental detokenisation: emits only the new text of each token (handles multi-token characters)."""
+    """Incremental detokenisation: emits the new text of each token, holding back an incomplete multi-token
+    character. Should decoding ever rewrite earlier text, the stream goes on from the common prefix (the final
+    Result carries the exact answer)."""
 
-    def __init__(self, tokenizer, emit) -> None:
+    def __init__(self, tokenizer, emit: Callable[[str, int], None]) -> None:
         self.tokenizer, self.emit = tokenizer, emit
         self.ids: list[int] = []
         self.text = ""
@@ -212,9 +213,11 @@ class _TokenStream:
     def push(self, token_id: int) -> None:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.text) and not text.endswith("\ufffd"):
-            self.emit(text[len(self.text) :], token_id)
-            self.text = text
+        if text.endswith("\ufffd"):
+            return
+        common = len(os.path.commonprefix([text, self.text]))
+        self.emit(text[common:], token_id)
+        self.text = text
 
 
 def _result(header, records: list[dict], loaded: LoadedModel) -> Result:

@@ -51,8 +51,3 @@ class ShardedKVCache:
         n = self._lengths[layer_idx]
         return self._keys[layer_idx][:, :n], self._values[layer_idx][:, :n]
 
-    def length(self, layer_idx: int = 0) -> int:
-        return self._lengths[layer_idx]
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k in self._keys if k is not None)
