@@ -36,7 +36,7 @@ from apbv.metrics import MetricsRecorder
 
 WAIT_S = 120.0  # per request; a request of the tiny model takes well under a second
 LONG = 400  # max_new_tokens of a request that is still decoding when the test acts on it (~2 s)
-SMALL_LIMITS = Limits(max_visual_tokens=400)  # prompt tokens: 4 frames of the example (288 visual) fit, 8 do not
+SMALL_LIMITS = Limits(max_prompt_tokens=400)  # prompt tokens: 4 frames of the example (288 visual) fit, 8 do not
 
 
 def _request(video: str, **kw) -> Request:
@@ -56,7 +56,7 @@ def random_pool(tiny_dir) -> Iterator[EnginePool]:
 
 @pytest.fixture(scope="module")
 def small_pool(tiny_dir) -> Iterator[EnginePool]:
-    """A pool of its own for destructive tests, with a small visual-token limit."""
+    """A pool of its own for destructive tests, with a small prompt-token limit."""
     with EnginePool(model=str(tiny_dir), world_size=2, device="cpu", limits=SMALL_LIMITS) as p:
         yield p
 
@@ -168,7 +168,8 @@ def test_bad_request_gets_its_typed_error_and_the_pool_keeps_serving(random_pool
 def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_video):
     with pytest.raises(TooManyTokens, match="400"):
         _answer(small_pool, _request(example_video, num_frames=8))
-    assert _answer(small_pool, _request(example_video)).visual_tokens <= SMALL_LIMITS.max_visual_tokens
+    fits = _answer(small_pool, _request(example_video))
+    assert fits.n_context + fits.n_query <= SMALL_LIMITS.max_prompt_tokens
 
 
 def _predicted_attn_pairs(request: Request, result: Result, model_dir) -> list[float]:

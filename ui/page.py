@@ -61,7 +61,7 @@ def build_page(
     """The whole page, wired to `pool`; `examples` may be empty."""
     health = pool.health()
     world_size = int(health["world_size"])
-    max_visual_tokens = int(health["max_visual_tokens"])
+    max_prompt_tokens = int(health["max_prompt_tokens"])
     model_pixels = dict(health["video_pixels"])  # the checkpoint's per-frame bounds, as the engine reads videos
 
     with gr.Blocks(title="APB-V Video QA") as demo:
@@ -123,12 +123,12 @@ def build_page(
                 return "", None, _history(runs_, None)
             info = probe(path)
             if info is None:
-                return video_text(None, 0, None, max_visual_tokens), None, _history(runs_, None)
+                return video_text(None, 0, None, max_prompt_tokens), None, _history(runs_, None)
             nf = int(frames_) if sample_by_ == SAMPLE_BY_FRAMES and frames_ else None
             f = None if nf else float(fps_)
             pixels = model_pixels | ({"max_pixels": int(max_pixels_)} if max_pixels_ else {})
             tokens = estimate_visual_tokens(info, nf, f, pixels)
-            text = video_text(info, sampled_frames(info, nf, f), tokens, max_visual_tokens)
+            text = video_text(info, sampled_frames(info, nf, f), tokens, max_prompt_tokens)
             return text, tokens, _history(runs_, tokens)
 
         describe_io = dict(

@@ -79,7 +79,7 @@ def comparison_table(results: Sequence[Result], baseline: Result) -> str:
     return "\n".join(rows)
 
 
-def video_text(info: VideoInfo | None, frames: int, visual_tokens: int | None, max_visual_tokens: int) -> str:
+def video_text(info: VideoInfo | None, frames: int, visual_tokens: int | None, max_prompt_tokens: int) -> str:
     """What the engine will see of the uploaded video, before running."""
     if info is None:
         return error_text("video_unreadable", "")
@@ -91,6 +91,6 @@ def video_text(info: VideoInfo | None, frames: int, visual_tokens: int | None, m
         f"{info.width}×{info.height}, {info.duration_s:.1f} s at {info.fps:.1f} fps ({info.frame_count} frames) · "
         f"sampling {frames} frames → {estimate}"
     )
-    if visual_tokens is not None and visual_tokens > max_visual_tokens:
-        line += f"\n\n{error_text('too_many_tokens', f'{visual_tokens:,} > {max_visual_tokens:,}')}"
+    if visual_tokens is not None and visual_tokens > max_prompt_tokens:
+        line += f"\n\n{error_text('too_many_tokens', f'{visual_tokens:,} > {max_prompt_tokens:,}')}"
     return line

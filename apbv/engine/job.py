@@ -72,7 +72,7 @@ def prepare_job(
             max_frames=limits.max_frames,
             **spec.read_video_pixels(request.max_pixels),
         )
-        prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_visual_tokens)
+        prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_prompt_tokens)
     temporal_patches = int(prompt.video_grid_thw[0, 0])
     if temporal_patches < world_size:
         raise TooFewFrames(

@@ -201,7 +201,7 @@ class EnginePool:
             alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
         return {"alive": alive, "world_size": self.world_size, "device": self.device, "model": self.model or "embedded",
                 "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs],
-                "video_pixels": self.info.get("video_pixels", {}), "max_visual_tokens": self.limits.max_visual_tokens}
+                "video_pixels": self.info.get("video_pixels", {}), "max_prompt_tokens": self.limits.max_prompt_tokens}
 
     def _validate(self, request: Request) -> None:
         request.check(self.world_size, self.limits)

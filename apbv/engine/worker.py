@@ -25,13 +25,14 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
-from apbv.engine.job import distribute_frames, gather_metrics, prepare_job, run_job
+from apbv.engine.job import JobHeader, distribute_frames, gather_metrics, prepare_job, run_job
 from apbv.errors import ApbvError, Cancelled
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
@@ -143,10 +144,14 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
             channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
         elif rank == 0 and record is not None:
             channel.send(header.request_id, "cancelled", {})
+        if rank == 0:
+            channel.cancelled.discard(header.request_id)
     dist.destroy_process_group()
 
 
-def _next_job(channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device):
+def _next_job(
+    channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device
+) -> tuple[JobHeader | str, np.ndarray | None, MetricsRecorder | None]:
     """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, frames, metrics)."""
     while True:
         msg = channel.recv()
@@ -171,7 +176,14 @@ def _next_job(channel: Channel, loaded: LoadedModel, limits: Limits, world_size:
         return header, frames, metrics
 
 
-def _run_rank(header, frames, loaded: LoadedModel, comm: Comm, channel: Channel | None, metrics) -> dict:
+def _run_rank(
+    header: JobHeader,
+    frames: np.ndarray | None,
+    loaded: LoadedModel,
+    comm: Comm,
+    channel: Channel | None,
+    metrics: MetricsRecorder,
+) -> dict:
     """Run this rank's share of a job; rank 0 streams tokens. Returns this rank's metrics record."""
     rid = header.request_id
     stream, should_stop = None, lambda: False
@@ -220,7 +232,7 @@ class _TokenStream:
         self.text = text
 
 
-def _result(header, records: list[dict], loaded: LoadedModel) -> Result:
+def _result(header: JobHeader, records: list[dict], loaded: LoadedModel) -> Result:
     ids = records[0]["token_ids"]
     ranks = [RankMetrics.from_dict({k: v for k, v in r.items() if k not in ("cancelled", "token_ids")}) for r in records]
     return Result(
