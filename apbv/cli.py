@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--allow-fewer-ranks", action="store_true",
+                     help="use fewer ranks when the video has too few frames for --world-size")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of the streamed answer")
     return parser
 
@@ -58,6 +60,7 @@ def request_from_args(args: argparse.Namespace, world_size: int | None) -> Reque
         top_p=args.top_p,
         seed=args.seed,
         anchor_ratio=args.anchor_ratio,
+        allow_fewer_ranks=args.allow_fewer_ranks,
         passing_ratio=args.passing_ratio,
     )
 

@@ -165,6 +165,12 @@ def test_bad_request_gets_its_typed_error_and_the_pool_keeps_serving(random_pool
     assert random_pool.health()["restarts"] == 0  # bad input never costs a restart
 
 
+def test_too_few_frames_fall_back_to_fewer_ranks_when_allowed(random_pool, example_video):
+    request = _request(example_video, num_frames=2, strategy="apbv", world_size=2, allow_fewer_ranks=True)
+    result = _answer(random_pool, request)  # one temporal patch: one rank
+    assert result.world_size == 1 and [m.rank for m in result.ranks] == [0] and result.token_ids
+
+
 def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_video):
     with pytest.raises(TooManyTokens, match="400"):
         _answer(small_pool, _request(example_video, num_frames=8))

@@ -21,6 +21,8 @@ class Request:
     world_size: ranks to use (1 runs on rank 0 only: the dense single-GPU baseline uses 1).
     num_frames / fps: frame sampling (num_frames wins when both are given); max_pixels: per-frame pixel budget.
     anchor_ratio / passing_ratio: APB-V/APB parameters (None: the paper's defaults).
+    allow_fewer_ranks: run on fewer ranks when the video has too few temporal patches for world_size (instead of
+    failing with TooFewFrames).
     """
 
     video_path: str
@@ -36,6 +38,7 @@ class Request:
     seed: int = 0
     anchor_ratio: float | None = None
     passing_ratio: float | None = None
+    allow_fewer_ranks: bool = False
 
     def check(self, engine_world_size: int, limits: Limits) -> int:
         """Reject a request bad on its face (InputError subclasses); returns the ranks it runs on."""

@@ -74,10 +74,12 @@ def prepare_job(
         )
         prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_prompt_tokens)
     temporal_patches = int(prompt.video_grid_thw[0, 0])
+    if request.allow_fewer_ranks:
+        world_size = min(world_size, temporal_patches)
     if temporal_patches < world_size:
         raise TooFewFrames(
             f"{world_size} ranks need at least {2 * world_size} frames ({world_size} temporal patches); "
-            f"the video gave {2 * temporal_patches}"
+            f"the video gave {2 * temporal_patches} (or allow fewer ranks)"
         )
     attention = attention_config(request)
     get_strategy(attention).plan(prompt.n_context, prompt.n_query, world_size)  # raises LayoutError early
