@@ -35,6 +35,7 @@ DIGITS = tuple("0123456789")
 WORDS = ("cat", "dog", "sun", "car", "box", "hat", "cup", "key")
 COUNTS = ("1", "2", "3", "4")
 TASKS = ("color", "shape", "digit", "word", "order", "count")
+RETRIEVAL_CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "digit": DIGITS, "word": WORDS}  # one-needle tasks
 
 QUESTIONS = {
     "color": "What color was the shape shown in the video? Answer with one word.",
@@ -74,15 +75,12 @@ def make_sample(
     frames = _background(rng, num_frames, size)
     shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
     needles: list = []  # one overlay function per needle occurrence, in time order
-    if task == "color":
-        answer, choices = color, tuple(COLORS)
-        needles = [lambda: _shape_overlay(rng, size, shape, color)]
-    elif task == "shape":
-        answer, choices = shape, SHAPES
+    if task in ("color", "shape"):
+        answer, choices = (color if task == "color" else shape), RETRIEVAL_CHOICES[task]
         needles = [lambda: _shape_overlay(rng, size, shape, color)]
     elif task in ("digit", "word"):
-        answer = str(rng.choice(DIGITS if task == "digit" else WORDS))
-        choices = DIGITS if task == "digit" else WORDS
+        choices = RETRIEVAL_CHOICES[task]
+        answer = str(rng.choice(choices))
         needles = [lambda: _card_overlay(rng, size, answer.upper())]
     elif task == "order":
         first, second = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))

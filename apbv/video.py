@@ -156,18 +156,9 @@ def sample_indices(frame_count: int, n: int) -> list[int]:
     return np.linspace(0, frame_count - 1, n).round().astype(np.int64).tolist()
 
 
-def estimate_visual_tokens(
-    height: int,
-    width: int,
-    num_frames: int,
-    *,
-    min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS,
-    total_pixels: int | None = None,
-) -> int:
+def estimate_visual_tokens(height: int, width: int, num_frames: int, **pixels: int | None) -> int:
     """Visual tokens (merged 2x2 patches over temporal pairs) of `num_frames` sampled frames of a height x width
-    source, resized as `read_video` does."""
-    pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels, "total_pixels": total_pixels}
+    source, resized as `read_video` does; `pixels`: `frame_size`'s min_pixels, max_pixels, total_pixels."""
     h, w = frame_size(height, width, num_frames, **pixels)
     return _ceil_even(num_frames) // FRAME_FACTOR * (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from apbv import synthetic
+from apbv.inputs import ProcessorSpec, patchify
 from apbv.model.loading import load_model
-from apbv.train import FRAME_SIZE, TrainingBatches, main
+from apbv.train import _SEEDS_PER_RUN, FRAME_SIZE, NeedleClips, TrainingBatches, main
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -32,9 +35,26 @@ def test_labels_cover_only_the_answer_and_its_end_token():
         assert targets.tolist() == list(range(targets[0], targets[0] + len(targets)))  # one contiguous answer
 
 
+def test_needle_clips_are_one_patch_each_with_their_answer():
+    needle_frames = set()
+    clips = NeedleClips(5, 6, ("color", "shape", "digit"), seed=1)
+    pixels, grid_thw, tasks, labels = clips[3]
+    again = clips[3]
+    assert torch.equal(pixels, again[0]) and torch.equal(labels, again[3])
+    assert tasks == ("color", "shape", "digit") * 2 and grid_thw.tolist() == [[1, 8, 8]] * 6
+    for j, (task, label) in enumerate(zip(tasks, labels.tolist())):
+        sample = synthetic.make_sample(clips.first_seed + 3 * 6 + j, 2, FRAME_SIZE, task, 1 + (18 + j) // 3 % 2)
+        assert synthetic.RETRIEVAL_CHOICES[task][label] == sample.answer
+        assert torch.equal(pixels[64 * j : 64 * (j + 1)], patchify(sample.frames, ProcessorSpec())[0])
+        needle_frames.add(len(sample.needle_frames))
+    assert needle_frames == {1, 2}  # the needle on one frame of the temporal patch, or on both
+    with pytest.raises(ValueError, match="seeds"):  # more clips than the stage's half of the run's seeds
+        NeedleClips(_SEEDS_PER_RUN // 2 + 1, 1, ("color",), seed=1)
+
+
 def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "model"
-    main(["--out", str(out), "--steps", "3", "--batch", "2", "--frames", "8-8", "--warmup", "1", "--threads", "1",
+    main(["--out", str(out), "--vision-steps", "2", "--vision-batch", "3", "--steps", "3", "--batch", "2", "--frames", "8-8", "--warmup", "1", "--threads", "1",
           "--eval-n", "1", "--eval-frames", "8", "--tasks", "color"])  # fmt: skip
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and record["samples"] == 6 and record["command"].startswith("python -m")

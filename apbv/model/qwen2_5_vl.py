@@ -61,6 +61,13 @@ def use_sequence_parallel_attention(model: Qwen2_5_VLForConditionalGeneration) -
     model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": VISION_ATTN_IMPLEMENTATION})
 
 
+def merged_vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The vision tower's output: one embedding per merged 2x2 patch, in token order (transformers 5 returns it as
+    `pooler_output`, earlier versions as the tensor itself)."""
+    out = visual(pixels, grid_thw=grid_thw)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
 class QwenVLRank:
     """One rank's view of a Qwen2.5-VL model: frame-parallel vision, sharded prefill, distributed decode."""
 
@@ -102,8 +109,8 @@ class QwenVLRank:
         """
         with metrics.timed(VISION):
             if local_pixels.shape[0]:
-                out = self.visual(local_pixels.to(self.device, self.visual.dtype), grid_thw=local_grid_thw.to(self.device))
-                local = out.pooler_output if hasattr(out, "pooler_output") else out
+                pixels = local_pixels.to(self.device, self.visual.dtype)
+                local = merged_vision_tokens(self.visual, pixels, local_grid_thw.to(self.device))
             else:
                 local = torch.empty(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
         parts = comm.all_gather(local.to(self.dtype).contiguous(), sizes=tokens_per_rank, dim=0, metrics=metrics)
