@@ -3,13 +3,16 @@
     python -m apbv.train --out assets/model [--vision-steps 0] [--steps 700] [--batch 8] [--device cpu|cuda]
         [--frames 8-128] [--workers 0] [--time-limit S] [--init CHECKPOINT] [--seed 0] [--eval-n 40]
 
-First, optionally, the vision tower alone learns to name single needle clips (`pretrain_vision`). Then teacher forcing on freshly generated samples (`apbv.synthetic`), through transformers' own forward (SDPA in the
-language model, packed attention in the vision tower) on the exact prompts the engine builds (`build_prompt` +
-`patchify`), right-padded into batches; the loss covers only the answer tokens and the closing <|im_end|>. A
-curriculum grows the frame count from the lower to the upper end of --frames over the first 60% of the steps.
-Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it (run --seed S draws its own range). The
-checkpoint keeps video frames at 112x112 (16 visual tokens per temporal patch) through its
-video_preprocessor_config.json, and a training.json records the command, wall time and held-out accuracy.
+Two stages. First (--vision-steps) the vision tower alone learns to name the needle of single clips through
+linear probes (`pretrain_vision`): end to end, the answer loss reaches it only through the language model, which
+taught it colours but not shapes or digits. Then teacher forcing on freshly generated samples (`apbv.synthetic`),
+with the vision tower fixed if --freeze-vision, through transformers' own forward (SDPA in the language model,
+packed attention in the vision tower) on the exact prompts the engine builds (`build_prompt` + `patchify`),
+right-padded into batches; the loss covers only the answer tokens and the closing <|im_end|>. A curriculum grows
+the frame count from the lower to the upper end of --frames over the first 60% of the steps. Training seeds lie
+below HELD_OUT_SEED, evaluation seeds at or above it (run --seed S draws its own range). The checkpoint keeps
+video frames at 112x112 (16 visual tokens per temporal patch) through its video_preprocessor_config.json; its
+training.json records the command, wall time, held-out accuracy and the record of the --init checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import functools
 import json
 import math
 import random
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,10 +238,7 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
 
 def pretrain_vision(model: Qwen2_5_VLForConditionalGeneration, args: argparse.Namespace, device: torch.device) -> None:
     """Train the vision tower alone to name the needle of single clips (`NeedleClips`): one linear probe per
-    one-needle task reads the maximum over the clip's merged tokens; the probes are dropped afterwards.
-
-    End to end, the answer loss reaches the vision tower only through the language model; it taught colours
-    (one token suffices) but not shapes or digits, which this stage teaches in minutes."""
+    one-needle task reads the maximum over the clip's merged tokens; the probes are dropped afterwards."""
     tasks = tuple(t for t in args.tasks if t in synthetic.RETRIEVAL_CHOICES)
     visual, width = model.model.visual, model.config.vision_config.out_hidden_size
     probes = torch.nn.ModuleDict({t: torch.nn.Linear(width, len(synthetic.RETRIEVAL_CHOICES[t])) for t in tasks})
@@ -370,12 +372,16 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n) if args.eval_n else {}
     record = {
         **environment(torch.device(args.device)),
+        "command": "python -m apbv.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "train_wall_s": round(train_s, 1),
+        "vision_steps": args.vision_steps,
         "steps": steps,
         "samples": steps * args.batch,
         "held_out_accuracy_dense": accuracy,
         "held_out_samples_per_task": args.eval_n,
     }
+    if args.init and (args.init / "training.json").exists():  # the lineage: how the starting weights were made
+        record["init"] = json.loads((args.init / "training.json").read_text())
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -61,3 +61,15 @@ def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     assert set(record["held_out_accuracy_dense"]["8"]) == {"color"}
     loaded = load_model(str(out), torch.device("cpu"))
     assert loaded.spec.video_max_pixels == FRAME_SIZE[0] * FRAME_SIZE[1]
+
+
+def test_continued_run_with_frozen_vision_keeps_the_vision_tower_and_records_its_lineage(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--batch", "2", "--frames", "4-4", "--warmup", "1", "--threads", "1", "--eval-n", "0", "--tasks", "digit"]
+    main(["--out", str(first), "--steps", "2", *common])
+    main(["--out", str(second), "--init", str(first), "--freeze-vision", "--steps", "2", "--lr", "1e-2", *common])
+    before, after = (load_model(str(d), torch.device("cpu")).rank_model.model for d in (first, second))
+    for (name, old), new in zip(before.named_parameters(), after.parameters()):
+        assert torch.equal(old, new) == name.startswith("model.visual."), name
+    record = json.loads((second / "training.json").read_text())
+    assert record["steps"] == 2 and record["init"]["steps"] == 2 and "--freeze-vision" in record["command"]
