@@ -1,5 +1,5 @@
-"""The shipped model (assets/model): loads offline, reads videos at its own size, answers a held-out question
-correctly through the engine's job path, dense on one rank and APB-V on two gloo processes."""
+"""The shipped model (assets/model): loads offline, reads videos at its own size, answers held-out colour, shape
+and digit questions correctly through the engine's job path, dense on one rank and APB-V on two gloo processes."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from tests.distributed import run_ranks
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="no trained model shipped")
 
 FRAMES = 32
-SAMPLE = (3, FRAMES, "color")  # held-out index, frames, task
+HELD_OUT_INDEX = 3
 
 
-@pytest.fixture(scope="module")
-def sample_video(tmp_path_factory) -> tuple[Path, str, str]:
-    sample = held_out(*SAMPLE)
+@pytest.fixture(scope="module", params=("color", "shape", "digit"))
+def sample_video(request, tmp_path_factory) -> tuple[Path, str, str]:
+    sample = held_out(HELD_OUT_INDEX, FRAMES, request.param)
     path = write_mp4(sample.frames, tmp_path_factory.mktemp("embedded") / "needle.mp4", fps=8.0)
     return path, sample.question, sample.answer
 
