@@ -169,9 +169,9 @@ class NeedleClips(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], torch.Tensor]:
         spec, pixels, grids, labels = ProcessorSpec(), [], [], []
         tasks = tuple(self.tasks[(step * self.batch + j) % len(self.tasks)] for j in range(self.batch))
-        for j, task in enumerate(tasks):
-            needle_len = 1 + (step * self.batch + j) // len(self.tasks) % 2  # on one frame of the pair, or both
-            sample = synthetic.make_sample(self.first_seed + step * self.batch + j, 2, FRAME_SIZE, task, needle_len)
+        for i, task in enumerate(tasks, start=step * self.batch):
+            needle_len = 1 + i // len(self.tasks) % 2  # on one frame of the pair, or both
+            sample = synthetic.make_sample(self.first_seed + i, 2, FRAME_SIZE, task, needle_len)
             clip_pixels, grid = patchify(sample.frames, spec)
             pixels.append(clip_pixels)
             grids.append(grid)
@@ -270,9 +270,9 @@ def run_stage(
     args: argparse.Namespace,
     time_limit: float,
 ) -> int:
-    """AdamW with warm-up and cosine decay to 0 from `peak_lr` over `batches` (built by --workers processes), bf16 autocast on CUDA,
-    gradient norm clipped to 1; `loss_fn(batch) -> (loss, [(task, correct)])` feeds a moving per-task accuracy in
-    the log. Stops after `time_limit` seconds. Returns the number of steps taken."""
+    """AdamW with warm-up and cosine decay to 0 from `peak_lr` over `batches` (built by --workers processes), bf16
+    autocast on CUDA, gradient norm clipped to 1; `loss_fn(batch) -> (loss, [(task, correct)])` feeds a moving
+    per-task accuracy in the log. Stops after `time_limit` seconds. Returns the number of steps taken."""
     device = torch.device(args.device)
     optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.01)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate the checkpoint at --out and record the accuracy in its training.json")
     args = parser.parse_args(argv)
     args.tasks = tuple(args.tasks)
+    if args.vision_steps and not set(args.tasks) & set(synthetic.RETRIEVAL_CHOICES):
+        parser.error(f"--vision-steps needs a one-needle task among --tasks ({', '.join(synthetic.RETRIEVAL_CHOICES)})")
     torch.set_num_threads(args.threads)
     if args.evaluate_only:
         record_file = args.out / "training.json"

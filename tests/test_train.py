@@ -54,8 +54,9 @@ def test_needle_clips_are_one_patch_each_with_their_answer():
 
 def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "model"
-    main(["--out", str(out), "--vision-steps", "2", "--vision-batch", "3", "--steps", "3", "--batch", "2", "--frames", "8-8", "--warmup", "1", "--threads", "1",
-          "--eval-n", "1", "--eval-frames", "8", "--tasks", "color"])  # fmt: skip
+    main(["--out", str(out), "--vision-steps", "2", "--vision-batch", "3", "--steps", "3", "--batch", "2",
+          "--frames", "8-8", "--warmup", "1", "--threads", "1", "--eval-n", "1", "--eval-frames", "8",
+          "--tasks", "color"])  # fmt: skip
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and record["samples"] == 6 and record["command"].startswith("python -m")
     assert set(record["held_out_accuracy_dense"]["8"]) == {"color"}
@@ -73,3 +74,10 @@ def test_continued_run_with_frozen_vision_keeps_the_vision_tower_and_records_its
         assert torch.equal(old, new) == name.startswith("model.visual."), name
     record = json.loads((second / "training.json").read_text())
     assert record["steps"] == 2 and record["init"]["steps"] == 2 and "--freeze-vision" in record["command"]
+
+
+def test_vision_pretraining_without_a_one_needle_task_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--vision-steps", "2", "--tasks", "order", "count"])
+    assert "--vision-steps needs a one-needle task" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
