@@ -7,6 +7,7 @@ every wait is timed in the COMM_WAIT category. Ranks are group-local (0..world_s
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -16,6 +17,20 @@ from torch import Tensor
 from apbv.metrics import COMM_WAIT, MetricsRecorder, NullRecorder
 
 _NULL = NullRecorder()
+
+
+def rank_device() -> torch.device:
+    """The device of this rank of a launched group: its LOCAL_RANK's GPU (made current), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPU ranks, gloo for CPU ranks."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 class Handle:

@@ -40,6 +40,7 @@ class RankMetrics:
     spans: list[Span] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)  # seconds per category
     counters: dict[str, float] = field(default_factory=dict)  # attn_pairs, attn_flops, bytes_sent, ...
+    stage_counters: dict[str, dict[str, float]] = field(default_factory=dict)  # the counters split by span
     peak_memory_bytes: int = 0
 
     def to_dict(self) -> dict:
@@ -53,6 +54,7 @@ class RankMetrics:
             spans=[Span(**s) for s in d["spans"]],
             totals=dict(d["totals"]),
             counters=dict(d["counters"]),
+            stage_counters={k: dict(v) for k, v in d.get("stage_counters", {}).items()},
             peak_memory_bytes=d.get("peak_memory_bytes", 0),
         )
 
@@ -95,12 +97,17 @@ class MetricsRecorder:
         self._spans: list[tuple[str, object, object]] = []
         self._intervals: list[tuple[str, object, object]] = []
         self.counters: dict[str, float] = defaultdict(float)
+        self.stage_counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._open_spans: list[str] = []
         self._remainders: list[tuple[str, str, tuple[str, ...]]] = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def add(self, name: str, value: float) -> None:
+        """Adds to a counter, in total and for the innermost open span."""
         self.counters[name] += value
+        if self._open_spans:
+            self.stage_counters[self._open_spans[-1]][name] += value
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
@@ -108,9 +115,11 @@ class MetricsRecorder:
         if self._on_span is not None:
             self._on_span(name)
         start = self._clock.mark()
+        self._open_spans.append(name)
         try:
             yield
         finally:
+            self._open_spans.pop()
             self._spans.append((name, start, self._clock.mark()))
 
     @contextmanager
@@ -151,6 +160,7 @@ class MetricsRecorder:
             spans=spans,
             totals=dict(totals),
             counters=dict(self.counters),
+            stage_counters={stage: dict(c) for stage, c in self.stage_counters.items()},
             peak_memory_bytes=int(peak),
         )
 

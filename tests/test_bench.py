@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
 from apbv.attention import distributed_attention, get_strategy
-from apbv.bench.attention import PROJECTED, main
-from apbv.bench.threads import ThreadWorld
+from apbv.bench.attention import main
+from apbv.bench.threads import PROJECTED, ThreadWorld
 from apbv.comm import Comm
 from apbv.config import AttentionConfig
 from apbv.metrics import MetricsRecorder
 
-from .distributed import run_ranks
+from .distributed import free_port, run_ranks
 
 N, LQ = 181, 4
 
@@ -73,13 +76,31 @@ def test_thread_world_reports_failures():
         raise AssertionError("the failure was swallowed")
 
 
+LAYER = ["--tokens", "300", "--query-tokens", "5", "--world-size", "2", "--heads", "4", "--kv-heads", "1",
+         "--head-dim", "16", "--dtype", "fp32", "--device", "cpu", "--repeats", "1"]  # fmt: skip
+
+
 def test_benchmark_cli(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--tokens", "300", "--query-tokens", "5", "--world-size", "2", "--heads", "4", "--kv-heads", "1",
-          "--head-dim", "16", "--dtype", "fp32", "--device", "cpu", "--repeats", "1", "--json", str(out)])
+    main([*LAYER, "--json", str(out)])
     assert PROJECTED in capsys.readouterr().out
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"dense", "ring", "star", "apb", "apbv"}
     assert rows["dense"]["attn_pairs_per_rank"] == [4 * 305 * 306 / 2] and rows["dense"]["speedup_vs_dense"] == 1.0
     assert sum(rows["ring"]["attn_pairs_per_rank"]) == rows["dense"]["attn_pairs_per_rank"][0]  # exact: same work
     assert rows["ring"]["world_size"] == 2 and rows["ring"]["bytes_per_layer"] > 0 and rows["ring"]["timing"] == PROJECTED
+
+
+def test_benchmark_under_torchrun_measures_real_processes(tmp_path):
+    """Two gloo processes launched by torchrun: measured timings, the same work and traffic per rank as threads."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "apbv.bench.attention", *LAYER, "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True)
+    measured = json.loads(out.read_text())["rows"]
+    projected = main(LAYER)
+    for m, p in zip(measured, projected, strict=True):
+        assert m["strategy"] == p.strategy
+        assert m["timing"] == ("measured (2 processes, gloo)" if p.world_size > 1 else "measured")
+        assert m["attn_pairs_per_rank"] == p.attn_pairs_per_rank and m["bytes_per_layer"] == p.bytes_per_layer
+        assert m["slowest_rank_s"] > 0

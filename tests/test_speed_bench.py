@@ -4,9 +4,14 @@ lines with the run's record, a table and a plot; speedups computed against dense
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from apbv.bench.speed import main
 from apbv.config import STRATEGIES
+
+from .distributed import free_port
 
 
 def test_speed_sweep_writes_every_point(tmp_path):
@@ -27,3 +32,30 @@ def test_speed_sweep_writes_every_point(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| 360p | 8 |" in table and "(1.00x)" in table
     assert "plotly" in out.with_suffix(".html").read_text()
+
+
+def test_speed_under_torchrun_measures_real_processes(tmp_path):
+    """Two gloo processes launched by torchrun: the rows are measured (not projected), rank 0 alone writes them,
+    and every strategy's work and traffic equal those of the thread-ranks run of the same point."""
+    common = ["--arch", "tiny", "--resolutions", "360p", "--frames", "8", "--world-size", "2", "--warmup", "0",
+              "--repeats", "1", "--device", "cpu", "--stages-at", "360p:8"]  # fmt: skip
+    out = tmp_path / "speed-tiny-0.5"  # a prefix with dots, as bench/device_speed.sh writes them
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "apbv.bench.speed", *common, "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
+    measured = [json.loads(line) for line in (tmp_path / "speed-tiny-0.5.jsonl").read_text().splitlines()]
+    projected = main(common)
+    assert [r["strategy"] for r in measured] == [r["strategy"] for r in projected] == list(STRATEGIES)
+    for m, p in zip(measured, projected):
+        assert m["meta"]["command"].startswith("python -m torch.distributed.run --nproc-per-node 2 -m apbv.bench.speed")
+        assert m["timing"] == ("measured" if m["strategy"] == "dense" else "measured (2 processes, gloo)")
+        assert m["slowest_rank_s"] == max(m["per_rank_s"]) > 0
+        for key in ("attn_pairs", "attn_flops", "bytes_sent", "bytes_recv"):
+            assert [r["counters"].get(key) for r in m["ranks"]] == [r["counters"].get(key) for r in p["ranks"]]
+        assert m["prefill_bytes_per_layer"] == p["prefill_bytes_per_layer"]
+        assert (m["prefill_bytes_per_layer"] > 0) == (m["strategy"] != "dense")
+    assert (tmp_path / "speed-tiny-0.5.html").exists()
+    table = (tmp_path / "speed-tiny-0.5.md").read_text()
+    assert "measured (2 processes, gloo)" in table and "## Per rank at 360p x 8 frames" in table
+    assert table.count("| balance |") == len(STRATEGIES)

@@ -3,10 +3,12 @@
     python -m apbv.bench.attention --tokens 4096 --world-size 4 [--query-tokens 16] [--dtype bf16]
         [--device cuda] [--strategies dense,ring,star,apb,apbv] [--repeats 3] [--json out.json]
 
---tokens is the context length N (the query adds --query-tokens). All W ranks run as threads on one device, one
-after another (apbv.bench.threads), so multi-rank timings are "projected (sequential ranks, no communication)":
-per-rank compute time only. Dense runs on one rank and is measured as is. Only per-rank buffers are allocated
-(nothing quadratic), so --tokens 148480 --world-size 8 fits on one GPU.
+--tokens is the context length N (the query adds --query-tokens). Launched by torchrun (one process per GPU,
+`python -m torch.distributed.run --nproc-per-node W -m apbv.bench.attention ...`), the W ranks are real processes
+and their times are measured, communication included (apbv.bench.processes). Otherwise all W ranks run as threads
+on one device, one after another (apbv.bench.threads), so multi-rank timings are "projected (sequential ranks, no
+communication)": per-rank compute time only. Dense runs on one rank. Only per-rank buffers are allocated (nothing
+quadratic), so --tokens 148480 --world-size 8 fits on one GPU.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from apbv.attention import get_strategy
 from apbv.config import STRATEGIES, AttentionConfig
 from apbv.metrics import MetricsRecorder
 
+from .processes import bench_device, bench_world, reporting_rank
 from .record import environment, write_json
-from .threads import ThreadWorld
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROJECTED = "projected (sequential ranks, no communication)"
 
 
 @dataclass
@@ -52,7 +53,7 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
     local = [
         tuple(t.index_select(1, r.local_to_global.to(device)) for t in (q, k, v)) for r in plan.ranks
     ]
-    world = ThreadWorld(world_size, device)
+    world = bench_world(world_size, device)
 
     def layer(rank, comm):
         metrics = MetricsRecorder(rank, device)
@@ -78,7 +79,7 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         pair_balance=max(pairs) / mean_pairs if mean_pairs else 1.0,
         time_balance=max(per_rank) / statistics.mean(per_rank),
         bytes_per_layer=sum(c.get("bytes_sent", 0.0) for c in counters),
-        timing=PROJECTED if world_size > 1 else "measured",
+        timing=world.timing,
     )
 
 
@@ -97,9 +98,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
+    with bench_device(args.device) as device:
+        return run(args, device)
 
+
+def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Every strategy on one random layer; rank 0 prints and writes (--json)."""
     names = [s for s in args.strategies.split(",") if s]
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     total = args.tokens + args.query_tokens
     g = torch.Generator(device=device).manual_seed(args.seed)
     q = torch.randn(args.heads, total, args.head_dim, generator=g, device=device, dtype=dtype)
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for r in rows:
         if dense is not None:
             r.speedup_vs_dense = dense.slowest_rank_s / r.slowest_rank_s
+    if not reporting_rank():  # torchrun: every process has the rows, rank 0 reports them
+        return rows
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     _print_table(rows, args, device_name)
     if args.json_path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import sys
@@ -24,8 +25,17 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": "python -m " + " ".join(shlex.quote(a) for a in [_module_name()] + sys.argv[1:]),
+        "command": _launcher() + " ".join(shlex.quote(a) for a in [_module_name()] + sys.argv[1:]),
     }
+
+
+def _launcher() -> str:
+    """How this process was started: plain `python -m`, or as one of torchrun's ranks."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        return "python -m "
+    nodes = f"--nnodes {world // local} " if world != local else ""
+    return f"python -m torch.distributed.run {nodes}--nproc-per-node {local} -m "
 
 
 def _module_name() -> str:

@@ -5,9 +5,16 @@
 
 Each measured run is the paper's speed-test unit: frame-parallel vision encoder + sharded prefill + one generated
 token (frames are patchified beforehand, as the reference's preprocessing is not timed either). Dense runs on one
-rank (the single-GPU FlashAttention baseline, on the fastest kernel `attend` finds). The W ranks of the other
-strategies run as threads on one device, one at a time (apbv.bench.threads): their per-rank times are
-"projected (sequential ranks, no communication)", i.e. compute only; the slowest rank is the projected latency.
+rank (the single-GPU FlashAttention baseline, on the fastest kernel `attend` finds).
+
+Launched by torchrun with one process per GPU (`python -m torch.distributed.run --nproc-per-node 8 -m
+apbv.bench.speed --world-size 8 ...`), the W ranks are real processes over NCCL, timed from a common barrier to
+each rank's end: measured latency, communication and its overlap included (apbv.bench.processes). Otherwise the
+W ranks run as threads on one device, one at a time (apbv.bench.threads): their per-rank times are "projected
+(sequential ranks, no communication)", i.e. compute only; the slowest rank is the projected latency.
+
+Per point and strategy the rows carry every rank's metrics; `--stages-at RES:FRAMES` adds that point's per-rank
+stage times, attention pairs and bytes sent to the table.
 """
 
 from __future__ import annotations
@@ -24,17 +31,15 @@ from apbv.attention import get_strategy
 from apbv.attention.layout import split_temporal_patches
 from apbv.config import STRATEGIES, AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
-from apbv.metrics import MetricsRecorder
+from apbv.metrics import ATTENTION, COMM_WAIT, OTHER_LAYERS, VISION, MetricsRecorder
 from apbv.model.generate import SamplingParams, VideoShard, generate
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.tiny import build_tokenizer
 from apbv.video import synthetic_video
 
 from .architectures import add_run_arguments, model_dtype, random_model
+from .processes import bench_device, bench_world, reporting_rank
 from .record import environment
-from .threads import ThreadWorld
-
-PROJECTED = "projected (sequential ranks, no communication)"
 
 
 def shards(frames, world_size: int, spec: ProcessorSpec, device: torch.device, dtype) -> list[VideoShard]:
@@ -51,7 +56,7 @@ def shards(frames, world_size: int, spec: ProcessorSpec, device: torch.device, d
 
 def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_size: int, args) -> dict:
     strategy = get_strategy(AttentionConfig(name))
-    world = ThreadWorld(world_size, rank_model.device)
+    world = bench_world(world_size, rank_model.device)
     sampling = SamplingParams(max_new_tokens=1)
 
     def request(rank, comm):
@@ -68,11 +73,15 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
             busy.append(list(world.busy))
     per_rank = [statistics.median(b[r] for b in busy) for r in range(world_size)]
     pairs = [rec["counters"].get("attn_pairs", 0.0) for rec in records]
+    prefill_bytes = sum(rec["stage_counters"].get("prefill", {}).get("bytes_sent", 0.0) for rec in records)
     return {
         "strategy": name, "world_size": world_size, "slowest_rank_s": max(per_rank),
         "mean_rank_s": statistics.mean(per_rank), "per_rank_s": per_rank,
+        "time_balance": max(per_rank) / statistics.mean(per_rank),
         "attn_pair_balance": max(pairs) / statistics.mean(pairs) if any(pairs) else 1.0,
-        "ranks": records, "timing": PROJECTED if world_size > 1 else "measured",
+        "layers": rank_model.num_layers,
+        "prefill_bytes_per_layer": prefill_bytes / rank_model.num_layers,  # sent, all ranks together
+        "ranks": records, "timing": world.timing,
     }
 
 
@@ -83,17 +92,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--out", type=Path, help="PREFIX: PREFIX.jsonl (a line per point, written as it is measured), "
                    "PREFIX.md (table) and PREFIX.html (speedup vs frames)")  # fmt: skip
+    p.add_argument("--stages-at", default="1440p:64", help="RES:FRAMES, the point whose per-rank stages are tabled")
     add_run_arguments(p, warmup=3, repeats=5)
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    with bench_device(args.device) as device:
+        return sweep(args, device)
+
+
+def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every (resolution, frames) point, every strategy; rank 0 prints and writes (--out)."""
     dtype = model_dtype(device)
+    report = reporting_rank()
     rank_model = QwenVLRank(random_model(args.arch, device, dtype))
     spec, tokenizer = ProcessorSpec(), build_tokenizer()
     meta = vars(args) | environment(device) | {"out": str(args.out) if args.out else None}
-    if args.out:
+    if args.out and report:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".jsonl").write_text("")
+        _output(args.out, ".jsonl").write_text("")
     rows = []
     for resolution in args.resolutions:
         for frames in args.frames:
@@ -101,7 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prompt = build_prompt(tokenizer, video, "What is in this video?", spec)
             point = {"arch": args.arch, "resolution": resolution, "frames": frames,
                      "tokens": int(prompt.input_ids.numel()), "visual_tokens": prompt.visual_tokens}  # fmt: skip
-            print(f"{args.arch} {resolution} x{frames}: {point['tokens']} tokens, W={args.world_size}", flush=True)
+            if report:
+                print(f"{args.arch} {resolution} x{frames}: {point['tokens']} tokens, W={args.world_size}", flush=True)
             point_rows = []
             for name in [s for s in args.strategies.split(",") if s]:
                 w = 1 if name == "dense" else args.world_size
@@ -112,16 +129,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     torch.cuda.empty_cache()
                 point_rows.append(point | row)
             _add_speedups(point_rows)
-            for row in point_rows:
+            for row in point_rows if report else []:
                 print("  " + _line(row), flush=True)
                 if args.out:
-                    with args.out.with_suffix(".jsonl").open("a") as f:
+                    with _output(args.out, ".jsonl").open("a") as f:
                         f.write(json.dumps({"meta": meta, **row}) + "\n")
             rows += point_rows
-    if args.out:
-        args.out.with_suffix(".md").write_text(to_markdown(meta, rows))
-        speedup_figure(rows).write_html(args.out.with_suffix(".html"), include_plotlyjs="cdn")
+    if args.out and report:
+        _output(args.out, ".md").write_text(to_markdown(meta, rows))
+        speedup_figure(rows).write_html(_output(args.out, ".html"), include_plotlyjs="cdn")
     return rows
+
+
+def _output(prefix: Path, extension: str) -> Path:
+    """PREFIX + extension (prefixes such as speed-qwen2.5-vl-3b contain dots: no with_suffix)."""
+    return prefix.with_name(prefix.name + extension)
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -141,11 +163,12 @@ def _line(r: dict) -> str:
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    """One table: a line per (resolution, frames), latency and speedup vs dense per strategy."""
+    """A line per (resolution, frames) with latency and speedup vs dense per strategy, then the per-rank stages
+    of the `--stages-at` point."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     lines = [f"# Speed: {meta['arch']}, prefill + first token, W = {meta['world_size']}", "",
              f"`{meta['command']}`  ", f"{meta['date']}; {meta['device_name']}; torch {meta['torch']}, "
-             f"transformers {meta['transformers']}. W > 1: {PROJECTED}. Latency (speedup vs dense).", "",
+             f"transformers {meta['transformers']}. W > 1: {_timing(rows)}. Latency (speedup vs dense).", "",
              "| resolution | frames | tokens | " + " | ".join(strategies) + " |",
              "|---|---|---|" + "---|" * len(strategies)]  # fmt: skip
     points = dict.fromkeys((r["resolution"], r["frames"], r["tokens"]) for r in rows)
@@ -156,7 +179,37 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             cells.append("OOM" if r.get("oom") else
                          f"{r['slowest_rank_s'] * 1e3:,.0f} ms ({r.get('speedup_vs_dense', float('nan')):.2f}x)")
         lines.append(f"| {resolution} | {frames} | {tokens:,} | " + " | ".join(cells) + " |")
+    resolution, _, frames = meta["stages_at"].partition(":")
+    detail = [r for r in rows if (r["resolution"], str(r["frames"])) == (resolution, frames) and "ranks" in r]
+    if detail:
+        lines += ["", f"## Per rank at {resolution} x {frames} frames", "",
+                  "Stage totals in ms (vision, attention, waiting on communication, other layers); rank time from the "
+                  "common start; balance = max/mean over ranks; MB sent in prefill per language-model layer.", "",
+                  "| strategy | rank | time | vision | attention | comm wait | other layers | attention pairs "
+                  "| MB/layer |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in detail:
+            lines += _per_rank_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _per_rank_lines(row: dict) -> list[str]:
+    """Table lines of one strategy at one point: a line per rank, then the balance line."""
+    lines = []
+    for rank, (seconds, rec) in enumerate(zip(row["per_rank_s"], row["ranks"])):
+        stages = [rec["totals"].get(k, 0.0) * 1e3 for k in (VISION, ATTENTION, COMM_WAIT, OTHER_LAYERS)]
+        sent = rec["stage_counters"].get("prefill", {}).get("bytes_sent", 0.0) / row["layers"]
+        cells = [row["strategy"], rank, f"{seconds * 1e3:,.1f}", *(f"{ms:,.1f}" for ms in stages),
+                 f"{rec['counters'].get('attn_pairs', 0):.3g}", f"{sent / 1e6:,.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    total = f"{row['prefill_bytes_per_layer'] / 1e6:,.2f} (all ranks)"
+    balance = [f"{row['time_balance']:.3f}", "", "", "", "", f"{row['attn_pair_balance']:.3f}"]
+    cells = [row["strategy"], "balance", *balance, total]
+    return lines + ["| " + " | ".join(cells) + " |"]
+
+
+def _timing(rows: list[dict]) -> str:
+    return ", ".join(sorted({r["timing"] for r in rows if r.get("world_size", 1) > 1 and "timing" in r})) or "-"
 
 
 def speedup_figure(rows: list[dict]):
@@ -166,7 +219,7 @@ def speedup_figure(rows: list[dict]):
     data = [r for r in rows if "speedup_vs_dense" in r]
     fig = px.line(data, x="frames", y="speedup_vs_dense", color="strategy", facet_col="resolution", markers=True,
                   labels={"speedup_vs_dense": "speedup vs dense (1 GPU)"},
-                  title=f"Prefill + first token speedup vs dense; W > 1 {PROJECTED}")  # fmt: skip
+                  title=f"Prefill + first token speedup vs dense; W > 1 {_timing(rows)}")  # fmt: skip
     return fig
 
 

@@ -21,6 +21,9 @@ from torch import Tensor
 from apbv.comm import Comm
 
 
+PROJECTED = "projected (sequential ranks, no communication)"
+
+
 @dataclass
 class _Failure:
     exc: BaseException
@@ -36,6 +39,7 @@ class ThreadWorld:
         self.boxes: dict[tuple, dict[int, Tensor]] = {}  # posted payloads of the current `run`
         self.failed = False
         self.busy = [0.0] * world_size  # seconds each rank held the device in the last `run`
+        self.timing = PROJECTED if world_size > 1 else "measured"
         self._device_lock = threading.Lock()
         self._since = [0.0] * world_size
         self._threads: list[threading.Thread] = []

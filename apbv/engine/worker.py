@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from apbv.comm import Comm
+from apbv.comm import Comm, backend_for, rank_device
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.job import JobHeader, distribute_frames, gather_metrics, prepare_job, run_job
@@ -94,14 +94,6 @@ class OneShotChannel:
         return False
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
     """Process groups of ranks [0, w) for every w >= 2 (every rank must create all of them, in the same order)."""
     groups: dict[int, dist.ProcessGroup] = {}
@@ -113,9 +105,8 @@ def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
 def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Limits = Limits()) -> None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = _device()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(days=7))
+    device = rank_device()
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=timedelta(days=7))
     groups = _prefix_groups(world_size)
     loaded = load_model(model, device)
     channel = None
