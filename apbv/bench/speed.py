@@ -119,11 +119,14 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
                      "tokens": int(prompt.input_ids.numel()), "visual_tokens": prompt.visual_tokens}  # fmt: skip
             if report:
                 print(f"{args.arch} {resolution} x{frames}: {point['tokens']} tokens, W={args.world_size}", flush=True)
-            point_rows = []
+            point_rows, sharded = [], (0, [])  # (world size, its shards): reused by the strategies of equal W
             for name in [s for s in args.strategies.split(",") if s]:
                 w = 1 if name == "dense" else args.world_size
                 try:
-                    row = run_strategy(name, rank_model, prompt, shards(video.frames, w, spec, device, dtype), w, args)
+                    if sharded[0] != w:
+                        sharded = (0, [])  # free the other world size's pixels before patchifying again
+                        sharded = (w, shards(video.frames, w, spec, device, dtype))
+                    row = run_strategy(name, rank_model, prompt, sharded[1], w, args)
                 except torch.cuda.OutOfMemoryError:
                     row = {"strategy": name, "world_size": w, "oom": True}
                     torch.cuda.empty_cache()
