@@ -34,6 +34,7 @@ from .distributed import run_ranks
 
 FRAMES = 12  # 6 temporal patches: every W in 1..4 gets at least one
 NEW_TOKENS = 8
+SAMPLE_FPS = 0.25
 LOGIT_TOL = 1e-4
 VISION_TOL = 1e-5  # float32 vision tower on fewer frames per call: only GEMM shapes differ
 RANK_TIMEOUT_S = 150.0
@@ -106,7 +107,9 @@ def frames() -> np.ndarray:
 @pytest.fixture(scope="module")
 def prepared(tiny_dir, frames) -> PreparedInputs:
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    video = SampledVideo(frames, sample_fps=2.0, source_fps=8.0, duration_s=FRAMES / 2.0)
+    # A long video read at a low rate: its M-RoPE time span (6 patches x 8 s x 2 positions/s) outlasts the text
+    # after it, so the decode positions must follow the prompt's last position, not its largest one.
+    video = SampledVideo(frames, sample_fps=SAMPLE_FPS, source_fps=8.0, duration_s=FRAMES / SAMPLE_FPS)
     question = "What color was the shape shown in the video? Answer with one word."
     return prepare_inputs(tokenizer, video, question, ProcessorSpec.from_pretrained(tiny_dir))
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def ours() -> torch.Tensor:
             use_sequence_parallel_attention(model)
             quiet = NullRecorder()
-            positions, _ = rank_model.global_positions(inputs)
+            positions = rank_model.global_positions(inputs)
             embeds = rank_model.encode_video(kwargs["pixel_values_videos"], inputs.video_grid_thw,
                                              [inputs.visual_tokens], comm, quiet)
             plan = dense.plan(inputs.n_context, inputs.n_query, 1)

@@ -68,7 +68,7 @@ def generate(
     plan = strategy.plan(prompt.n_context, prompt.n_query, comm.world_size)
     metrics.remainder(OTHER_LAYERS, span="prefill", minus=(ATTENTION, COMM_WAIT))
     is_tail = comm.rank == plan.tail_rank
-    positions, rope_delta = rank_model.global_positions(prompt)
+    positions = rank_model.global_positions(prompt)
     with metrics.span("vision"):
         video_embeds = rank_model.encode_video(video.pixels, video.grid_thw, video.tokens_per_rank, comm, metrics)
     cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
@@ -92,12 +92,15 @@ def generate(
     if token in sampling.stop_ids:
         return
     yield token
-    prompt_len = prompt.input_ids.numel()
+    # Each new token sits one past the previous one on all three M-RoPE axes (the prompt ends with text, where they
+    # agree), as in transformers' generate and its teacher-forced forward. This is not prompt length + rope delta:
+    # transformers 5 continues text after a video from its spatial extent, so the delta (from the largest position,
+    # a long video's last time step) would place decode tokens up to thousands of positions too far.
+    last_position = int(positions[0, -1])
     quiet = NullRecorder()  # decode is one time category: its inner attention and waits are not split out
     with metrics.span("decode"), metrics.timed(DECODE):
         for step in range(1, sampling.max_new_tokens):
-            position = prompt_len + step - 1 + rope_delta
-            hidden = rank_model.decode_step(token, position, comm, quiet, cache, is_tail)
+            hidden = rank_model.decode_step(token, last_position + step, comm, quiet, cache, is_tail)
             token = next_token(hidden, quiet)
             if token in sampling.stop_ids:
                 return

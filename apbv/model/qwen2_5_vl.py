@@ -84,15 +84,15 @@ class QwenVLRank:
     def num_layers(self) -> int:
         return len(self.text.layers)
 
-    def global_positions(self, prompt: Prompt) -> tuple[torch.Tensor, int]:
-        """M-RoPE ids (3, L) of the whole prompt from the installed transformers' own rule, and the rope delta."""
-        positions, delta = self.model.model.get_rope_index(
+    def global_positions(self, prompt: Prompt) -> torch.Tensor:
+        """M-RoPE ids (3, L) of the whole prompt from the installed transformers' own rule."""
+        positions, _ = self.model.model.get_rope_index(
             prompt.input_ids[None],
             mm_token_type_ids=prompt.mm_token_type_ids[None],
             video_grid_thw=prompt.video_grid_thw,
             second_per_grid_ts=prompt.second_per_grid_ts,
         )
-        return positions[:, 0], int(delta.reshape(-1)[0])
+        return positions[:, 0]
 
     @torch.inference_mode()
     def encode_video(
