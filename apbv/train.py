@@ -53,10 +53,11 @@ FRAME_SIZE = (112, 112)
 VIDEO_PIXELS = (4 * 28 * 28, 112 * 112)  # per-frame (min, max): 112x112 frames stay as they are, 16 tokens
 HELD_OUT_SEED = 1 << 31
 _SEEDS_PER_RUN = 10_000_000  # training seeds of run S: S * _SEEDS_PER_RUN + i (vision clips: the upper half)
-RETRIEVAL = ("color", "shape", "digit")
 TASK_WEIGHTS = {"color": 1.0, "shape": 1.5, "digit": 1.5, "word": 1.0, "order": 1.0, "count": 1.0}
 MIN_FRAMES = {"order": 8, "count": 16}  # room for 2 and 4 needles; one-needle tasks need the needle's frames
-SAMPLE_FPS = (1.0, 8.0)  # range of the frame rate of the sampled frames (sets the M-RoPE time step)
+SAMPLE_FPS = (0.1, 8.0)  # default range of the sampled frame rate: it sets the M-RoPE time step, so how far the
+# question and answer sit from the video start (a long video read at a low rate puts them thousands of positions on)
+EVAL_FPS = 2.0  # the held-out videos' standard frame rate
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,20 @@ def frame_range(progress: float, frames: tuple[int, int]) -> tuple[int, int]:
 
 class TrainingBatches(torch.utils.data.Dataset):
     """Batch `step` of run `seed`, a pure function of (seed, step): samples of one frame count (drawn from the
-    curriculum's range at that step) with tasks drawn by TASK_WEIGHTS; sample seeds stay below HELD_OUT_SEED."""
+    curriculum's range at that step) with tasks drawn by TASK_WEIGHTS, each at a frame rate drawn log-uniformly
+    from `fps`; sample seeds stay below HELD_OUT_SEED."""
 
-    def __init__(self, steps: int, batch: int, frames: tuple[int, int], tasks: tuple[str, ...], seed: int) -> None:
+    def __init__(
+        self,
+        steps: int,
+        batch: int,
+        frames: tuple[int, int],
+        tasks: tuple[str, ...],
+        seed: int,
+        fps: tuple[float, float] = SAMPLE_FPS,
+    ) -> None:
         _check_seed_range(seed, steps * batch)
-        self.steps, self.batch, self.frames, self.tasks, self.seed = steps, batch, frames, tasks, seed
+        self.steps, self.batch, self.frames, self.tasks, self.seed, self.fps = steps, batch, frames, tasks, seed, fps
 
     def __len__(self) -> int:
         return self.steps
@@ -149,7 +159,8 @@ class TrainingBatches(torch.utils.data.Dataset):
             n = max(num_frames, MIN_FRAMES.get(task, needle_len))
             sample = synthetic.make_sample(self.seed * _SEEDS_PER_RUN + step * self.batch + j, n, FRAME_SIZE, task,
                                            needle_len)  # fmt: skip
-            examples.append(make_example(tokenizer, spec, sample, rng.uniform(*SAMPLE_FPS)))
+            fps = math.exp(rng.uniform(math.log(self.fps[0]), math.log(self.fps[1])))
+            examples.append(make_example(tokenizer, spec, sample, fps))
         return collate(examples, tokenizer.pad_token_id)
 
 
@@ -223,7 +234,7 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
     model.to(device).train()
     if args.vision_steps:
         pretrain_vision(model, args, device)
-    batches = TrainingBatches(args.steps, args.batch, args.frames, args.tasks, args.seed)
+    batches = TrainingBatches(args.steps, args.batch, args.frames, args.tasks, args.seed, args.fps)
 
     def answer_loss(batch: Batch) -> tuple[torch.Tensor, list[tuple[str, bool]]]:
         loss, hits = batch_loss(model, batch, device)
@@ -303,9 +314,12 @@ def held_out(i: int, num_frames: int, task: str) -> synthetic.Sample:
     return synthetic.make_sample(HELD_OUT_SEED + i, num_frames, FRAME_SIZE, task)
 
 
-def evaluate(model_dir: Path, frames: tuple[int, ...], tasks: tuple[str, ...], n: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    model_dir: Path, frames: tuple[int, ...], tasks: tuple[str, ...], n: int, fps: float = EVAL_FPS
+) -> dict[str, dict[str, float]]:
     """Dense greedy exact-match accuracy of the saved checkpoint on n held-out samples per (frames, task),
-    through the engine's path (`apbv.qa.ask`: build_prompt, patchify, generate), sampled at 2 fps."""
+    through the engine's path (`apbv.qa.ask`: build_prompt, patchify, generate), the frames read at `fps`. Rows are
+    keyed by the frame count, with "@<fps>fps" added when fps is not the standard EVAL_FPS."""
     loaded = load_model(str(model_dir), torch.device("cpu"))
     results: dict[str, dict[str, float]] = {}
     for num_frames in frames:
@@ -314,20 +328,26 @@ def evaluate(model_dir: Path, frames: tuple[int, ...], tasks: tuple[str, ...], n
             hits = 0
             for i in range(n):
                 sample = held_out(i, num_frames, task)
-                video = SampledVideo(sample.frames, sample_fps=2.0, source_fps=2.0, duration_s=num_frames / 2)
+                video = SampledVideo(sample.frames, sample_fps=fps, source_fps=fps, duration_s=num_frames / fps)
                 hits += ask(loaded, video, sample.question, AttentionConfig("dense")).text == sample.answer
             row[task] = hits / n
-        results[str(num_frames)] = row
-        print(f"held-out accuracy at {num_frames} frames: {row}", flush=True)
+        key = str(num_frames) if fps == EVAL_FPS else f"{num_frames}@{fps:g}fps"
+        results[key] = row
+        print(f"held-out accuracy at {key} frames: {row}", flush=True)
     return results
 
 
-def _frames_arg(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    lo, hi = int(lo), int(hi or lo)
-    if not 2 <= lo <= hi:
-        raise argparse.ArgumentTypeError("--frames must be LO-HI with 2 <= LO <= HI")
-    return lo, hi
+def _range_arg(kind: type, least: float) -> Callable[[str], tuple]:
+    """argparse type of an inclusive range "LO-HI" (or one value) of `kind`, with least <= LO <= HI."""
+
+    def parse(text: str) -> tuple:
+        lo, _, hi = text.partition("-")
+        lo, hi = kind(lo), kind(hi or lo)
+        if not least <= lo <= hi:
+            raise argparse.ArgumentTypeError(f"expected LO-HI with {least} <= LO <= HI, got {text!r}")
+        return lo, hi
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--frames", type=_frames_arg, default=(8, 128), help="final frame-count range LO-HI")
-    parser.add_argument("--tasks", nargs="+", default=RETRIEVAL, choices=synthetic.TASKS)
+    parser.add_argument("--frames", type=_range_arg(int, 2), default=(8, 128), help="final frame-count range LO-HI")
+    parser.add_argument("--fps", type=_range_arg(float, 1e-3), default=SAMPLE_FPS,
+                        help="range of the sampled frame rate LO-HI, drawn log-uniformly per sample")
+    parser.add_argument("--tasks", nargs="+", default=synthetic.TASKS, choices=synthetic.TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process")
     parser.add_argument("--workers", type=int, default=0, help="processes building batches (0: in the trainer)")
@@ -352,8 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-n", type=int, default=40, help="held-out samples per task and frame count")
     parser.add_argument("--eval-frames", type=int, nargs="+", default=(16, 64, 256))
+    parser.add_argument("--eval-fps", type=float, default=EVAL_FPS, help="frame rate the held-out videos are read at")
     parser.add_argument("--evaluate-only", action="store_true",
-                        help="evaluate the checkpoint at --out and record the accuracy in its training.json")
+                        help="evaluate the checkpoint at --out and add the accuracy to its training.json")
     args = parser.parse_args(argv)
     args.tasks = tuple(args.tasks)
     if args.vision_steps and not set(args.tasks) & set(synthetic.RETRIEVAL_CHOICES):
@@ -362,7 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.evaluate_only:
         record_file = args.out / "training.json"
         record = json.loads(record_file.read_text()) if record_file.exists() else {}
-        record["held_out_accuracy_dense"] = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n)
+        accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps)
+        if record.get("held_out_samples_per_task") != args.eval_n:  # rows of another sample count are not kept
+            record["held_out_accuracy_dense"] = {}
+        record["held_out_accuracy_dense"] = {**record.get("held_out_accuracy_dense", {}), **accuracy}
         record["held_out_samples_per_task"] = args.eval_n
         record_file.write_text(json.dumps(record, indent=2) + "\n")
         return
@@ -371,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.time() - start
     save_checkpoint(model.float().cpu(), args.out)
     ProcessorSpec().save_video_config(args.out, *VIDEO_PIXELS)
-    accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n) if args.eval_n else {}
+    accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps) if args.eval_n else {}
     record = {
         **environment(torch.device(args.device)),
         "command": "python -m apbv.train " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -35,6 +35,23 @@ def test_labels_cover_only_the_answer_and_its_end_token():
         assert targets.tolist() == list(range(targets[0], targets[0] + len(targets)))  # one contiguous answer
 
 
+def test_frame_rates_are_drawn_from_the_given_range():
+    """second_per_grid_ts = temporal patch (2 frames) / fps: the drawn rates stay inside --fps and spread over it."""
+    rates = torch.cat([2 / TrainingBatches(20, 8, (4, 4), ("color",), seed=1, fps=(0.1, 8.0))[s].model_kwargs[
+        "second_per_grid_ts"] for s in range(20)])  # fmt: skip
+    assert 0.1 <= rates.min() and rates.max() <= 8.0 + 1e-4
+    assert (rates < 0.5).any() and (rates > 2.0).any()  # log-uniform: about 37% below 0.5 fps, 31% above 2
+    fixed = TrainingBatches(2, 8, (4, 4), ("color",), seed=1, fps=(3.0, 3.0))[0].model_kwargs["second_per_grid_ts"]
+    assert torch.allclose(fixed, torch.full_like(fixed, 2 / 3))
+
+
+def test_range_arguments_are_checked(tmp_path, capsys):
+    for flag, bad in (("--frames", "1-8"), ("--frames", "9-8"), ("--fps", "0-8"), ("--fps", "x")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "m"), flag, bad])
+        assert flag in capsys.readouterr().err
+
+
 def test_needle_clips_are_one_patch_each_with_their_answer():
     needle_frames = set()
     clips = NeedleClips(5, 6, ("color", "shape", "digit"), seed=1)
@@ -62,6 +79,11 @@ def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     assert set(record["held_out_accuracy_dense"]["8"]) == {"color"}
     loaded = load_model(str(out), torch.device("cpu"))
     assert loaded.spec.video_max_pixels == FRAME_SIZE[0] * FRAME_SIZE[1]
+
+    main(["--out", str(out), "--evaluate-only", "--eval-n", "1", "--eval-frames", "6", "--eval-fps", "0.5",
+          "--tasks", "color", "word", "--threads", "1"])  # fmt: skip
+    accuracy = json.loads((out / "training.json").read_text())["held_out_accuracy_dense"]
+    assert set(accuracy) == {"8", "6@0.5fps"} and set(accuracy["6@0.5fps"]) == {"color", "word"}
 
 
 def test_continued_run_with_frozen_vision_keeps_the_vision_tower_and_records_its_lineage(tmp_path):

@@ -1,7 +1,7 @@
 """Fidelity benchmark: what each sequence-parallel strategy costs in answers, compared with dense attention.
 
     python -m apbv.bench.fidelity [--model assets/model] [--frames 64 128 256] [--world-sizes 2 4 8]
-        [--passing-ratios 0 1/128 1/32 1/8 1] [--aligns 128 16] [--n 10] [--tasks color shape digit]
+        [--passing-ratios 0 1/128 1/32 1/8 1] [--aligns 128 16] [--n 10] [--tasks color shape digit word order count]
         [--out bench/results/fidelity-cpu.json]
 
 On held-out synthetic videos (seeds of `apbv.train.held_out`, disjoint from training), every strategy runs on W
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import transformers
 
+from apbv import synthetic
 from apbv.config import AttentionConfig
 from apbv.model.loading import load_model
 from apbv.qa import Answer, ask
-from apbv.train import RETRIEVAL, held_out
+from apbv.train import held_out
 from apbv.video import SampledVideo
 
 SAMPLE_FPS = 2.0
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                         default=[0.0, 1 / 128, 1 / 32, 1 / 8, 1.0])  # fmt: skip
     parser.add_argument("--aligns", type=int, nargs="+", default=[128, 16])
     parser.add_argument("--n", type=int, default=10, help="held-out samples per frame count")
-    parser.add_argument("--tasks", nargs="+", default=list(RETRIEVAL))
+    parser.add_argument("--tasks", nargs="+", default=list(synthetic.TASKS), choices=synthetic.TASKS)
     parser.add_argument("--offset", type=int, default=100_000, help="first held-out sample index")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (a .md table is written next to it)")
