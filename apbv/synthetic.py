@@ -6,7 +6,7 @@ card. Questions need the needle: retrieval (color, shape, digit, word), ordering
 first) and counting (how many times a shape appeared). Answers come from small closed sets, so accuracy is
 exact match. Everything is drawn from one seeded generator: same seed, same bytes.
 
-`python -m apbv.synthetic --out assets/examples --n 3` writes playable example MP4s with JSON sidecars.
+`python -m apbv.synthetic --out assets/examples --n 6` writes playable example MP4s with JSON sidecars.
 """
 
 from __future__ import annotations
