@@ -55,8 +55,8 @@ HELD_OUT_SEED = 1 << 31
 _SEEDS_PER_RUN = 10_000_000  # training seeds of run S: S * _SEEDS_PER_RUN + i (vision clips: the upper half)
 TASK_WEIGHTS = {"color": 1.0, "shape": 1.5, "digit": 1.5, "word": 1.0, "order": 1.0, "count": 1.0}
 MIN_FRAMES = {"order": 8, "count": 16}  # room for 2 and 4 needles; one-needle tasks need the needle's frames
-SAMPLE_FPS = (0.1, 8.0)  # default range of the sampled frame rate: it sets the M-RoPE time step, so how far the
-# question and answer sit from the video start (a long video read at a low rate puts them thousands of positions on)
+SAMPLE_FPS = (0.1, 8.0)  # default range of the sampled frame rate: it sets the M-RoPE time step, so how many
+# positions a video's tokens span (a long video read at a low rate: thousands)
 EVAL_FPS = 2.0  # the held-out videos' standard frame rate
 
 
@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         record_file = args.out / "training.json"
         record = json.loads(record_file.read_text()) if record_file.exists() else {}
         accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps)
-        if record.get("held_out_samples_per_task") != args.eval_n:  # rows of another sample count are not kept
-            record["held_out_accuracy_dense"] = {}
-        record["held_out_accuracy_dense"] = {**record.get("held_out_accuracy_dense", {}), **accuracy}
+        same_n = record.get("held_out_samples_per_task") == args.eval_n  # rows of another sample count are dropped
+        kept = record.get("held_out_accuracy_dense", {}) if same_n else {}
+        record["held_out_accuracy_dense"] = {**kept, **accuracy}
         record["held_out_samples_per_task"] = args.eval_n
         record_file.write_text(json.dumps(record, indent=2) + "\n")
         return
@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.time() - start
     save_checkpoint(model.float().cpu(), args.out)
     ProcessorSpec().save_video_config(args.out, *VIDEO_PIXELS)
-    accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps) if args.eval_n else {}
+    accuracy = {}
+    if args.eval_n:
+        accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps)
     record = {
         **environment(torch.device(args.device)),
         "command": "python -m apbv.train " + shlex.join(sys.argv[1:] if argv is None else argv),
