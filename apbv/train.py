@@ -73,11 +73,14 @@ class Example:
     task: str
 
 
+def as_video(sample: synthetic.Sample, fps: float) -> SampledVideo:
+    """The sample's frames as a video read at `fps` (every frame kept; the rate sets the M-RoPE time step)."""
+    return SampledVideo(sample.frames, sample_fps=fps, source_fps=fps, duration_s=len(sample.frames) / fps)
+
+
 def make_example(tokenizer, spec: ProcessorSpec, sample: synthetic.Sample, sample_fps: float) -> Example:
     """The engine's prompt for `sample` (same chat template, same patchify) followed by the answer."""
-    video = SampledVideo(sample.frames, sample_fps=sample_fps, source_fps=sample_fps,
-                         duration_s=len(sample.frames) / sample_fps)  # fmt: skip
-    prompt = build_prompt(tokenizer, video, sample.question, spec)
+    prompt = build_prompt(tokenizer, as_video(sample, sample_fps), sample.question, spec)
     target = tokenizer.encode(sample.answer + IM_END, add_special_tokens=False)
     pixels, _ = patchify(sample.frames, spec)
     return Example(
@@ -328,8 +331,8 @@ def evaluate(
             hits = 0
             for i in range(n):
                 sample = held_out(i, num_frames, task)
-                video = SampledVideo(sample.frames, sample_fps=fps, source_fps=fps, duration_s=num_frames / fps)
-                hits += ask(loaded, video, sample.question, AttentionConfig("dense")).text == sample.answer
+                answer = ask(loaded, as_video(sample, fps), sample.question, AttentionConfig("dense"))
+                hits += answer.text == sample.answer
             row[task] = hits / n
         key = str(num_frames) if fps == EVAL_FPS else f"{num_frames}@{fps:g}fps"
         results[key] = row

@@ -35,10 +35,8 @@ from apbv import synthetic
 from apbv.config import AttentionConfig
 from apbv.model.loading import load_model
 from apbv.qa import Answer, ask
-from apbv.train import held_out
-from apbv.video import SampledVideo
+from apbv.train import EVAL_FPS, as_video, held_out
 
-SAMPLE_FPS = 2.0
 PAPER = AttentionConfig()
 
 
@@ -97,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         for i in range(args.n):
             task = args.tasks[i % len(args.tasks)]
             sample = held_out(args.offset + i, num_frames, task)
-            video = SampledVideo(sample.frames, SAMPLE_FPS, SAMPLE_FPS, num_frames / SAMPLE_FPS)
+            video = as_video(sample, EVAL_FPS)
             dense = ask(loaded, video, sample.question, AttentionConfig("dense"), record_layers=True)
             dense_correct.append(dense.text == sample.answer)
             n_context = dense.prompt.n_context
@@ -156,7 +154,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "git_commit": commit,
         "model": str(args.model or "embedded"),
         "ranks": "W thread-ranks in one process (apbv.bench.threads), real strategy code and collectives",
-        "sample_fps": SAMPLE_FPS,
+        "sample_fps": EVAL_FPS,
         "tasks": list(args.tasks),
         "held_out_offset": args.offset,
     }
