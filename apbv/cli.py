@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from apbv.config import STRATEGIES
+from apbv.attention.registry import STRATEGY_NAMES, ranks_for
 from apbv.engine.api import Event, Request, Result
 from apbv.errors import ApbvError, InputError, error_from_code
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("video")
     ask.add_argument("question")
     ask.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
-    ask.add_argument("--strategy", choices=STRATEGIES, default="apbv")
+    ask.add_argument("--strategy", choices=STRATEGY_NAMES, default="apbv")
     ask.add_argument("--world-size", type=int, default=None, help="ranks (default: visible GPUs, else 2 CPU ranks)")
     ask.add_argument("--device", choices=("cpu", "cuda"), default=None)
     frames = ask.add_mutually_exclusive_group()
@@ -51,7 +51,7 @@ def request_from_args(args: argparse.Namespace, world_size: int | None) -> Reque
         video_path=args.video,
         question=args.question,
         strategy=args.strategy,
-        world_size=1 if args.strategy == "dense" else world_size,
+        world_size=ranks_for(args.strategy, world_size),
         num_frames=args.frames if args.frames or args.fps else 32,
         fps=args.fps,
         max_pixels=args.max_pixels,

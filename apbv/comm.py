@@ -8,7 +8,8 @@ every wait is timed in the COMM_WAIT category. Ranks are group-local (0..world_s
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+import socket
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,13 @@ from torch import Tensor
 from apbv.metrics import COMM_WAIT, MetricsRecorder, NullRecorder
 
 _NULL = NullRecorder()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_device() -> torch.device:
@@ -42,7 +50,7 @@ class Handle:
         self._result: object = None
         self._done = False
 
-    def wait(self):
+    def wait(self) -> Any:
         if not self._done:
             with self._metrics.timed(COMM_WAIT):
                 self._result = self._wait()

@@ -10,12 +10,15 @@ plus the closing template tokens).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from apbv.attention.layout import split_temporal_patches
 from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
 from apbv.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, SampledVideo
 
@@ -160,7 +163,7 @@ class Prompt:
 class PreparedInputs(Prompt):
     """A Prompt with the pixels of every frame (single-process use; ranks patchify their own frames)."""
 
-    pixel_values_videos: torch.Tensor = None  # (t*h*w, 3*temporal_patch*patch*patch) float32
+    pixel_values_videos: torch.Tensor  # (t*h*w, 3*temporal_patch*patch*patch) float32
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Batched (B = 1) keyword arguments for a transformers Qwen2.5-VL forward / get_rope_index."""
@@ -200,6 +203,36 @@ def patchify(frames: np.ndarray, spec: ProcessorSpec) -> tuple[torch.Tensor, tor
     return pixel_values, torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64)
 
 
+@dataclass(frozen=True)
+class VideoShard:
+    """One rank's share of a video: the pixel rows of its temporal patches, their grid, and every rank's count of
+    merged visual tokens (the sizes of the embeddings' all-gather)."""
+
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor
+    tokens_per_rank: tuple[int, ...]
+
+
+def temporal_shards(num_frames: int, world_size: int, spec: ProcessorSpec) -> tuple[range, ...]:
+    """The temporal patches each rank encodes (frame-parallel vision): consecutive, remainders to the lowest ranks.
+    Raises LayoutError when there are fewer patches than ranks."""
+    n_patches = -(-num_frames // spec.temporal_patch_size)
+    return tuple(split_temporal_patches(n_patches, world_size, spec.temporal_patch_size))
+
+
+def shard_frames(frames: np.ndarray, patches: range, spec: ProcessorSpec) -> np.ndarray:
+    """The frames of temporal patches `patches` (a rank's range from `temporal_shards`)."""
+    tp = spec.temporal_patch_size
+    return frames[tp * patches.start : tp * patches.stop]
+
+
+def video_shard(local_frames: np.ndarray, shards: Sequence[range], spec: ProcessorSpec) -> VideoShard:
+    """A rank's VideoShard from its own frames (`shard_frames`) and every rank's patches (`temporal_shards`)."""
+    pixels, grid = patchify(local_frames, spec)
+    per_patch = (local_frames.shape[1] // spec.factor) * (local_frames.shape[2] // spec.factor)
+    return VideoShard(pixels, grid, tuple(len(r) * per_patch for r in shards))
+
+
 def video_grid(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> torch.Tensor:
     """video_grid_thw (1, 3) in patches for frames of shape (T, H, W, 3), as `patchify` returns it."""
     t, height, width = frames_shape[:3]
@@ -213,7 +246,7 @@ def visual_token_count(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> in
 
 
 def prepare_inputs(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     video: SampledVideo,
     question: str,
     spec: ProcessorSpec,
@@ -226,7 +259,7 @@ def prepare_inputs(
 
 
 def build_prompt(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     video: SampledVideo,
     question: str,
     spec: ProcessorSpec,
@@ -270,7 +303,7 @@ def build_prompt(
     )
 
 
-def _token_id(tokenizer, token: str) -> int:
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {token} token; is it a Qwen2.5-VL tokenizer?")

@@ -7,11 +7,12 @@ Every layer of the stack records into the rank's `MetricsRecorder`; `finish()` t
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,6 +23,12 @@ VISION = "vision"
 OTHER_LAYERS = "other_layers"  # projections, norms, MLP, lm_head during prefill
 DECODE = "decode"
 READ = "read"
+
+
+def balance(values: Sequence[float]) -> float:
+    """max / mean of per-rank work or time: 1.0 is perfectly balanced (nan when there is none)."""
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else math.nan
 
 
 @dataclass

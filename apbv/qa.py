@@ -1,8 +1,8 @@
 """Answer one video question in-process with any strategy on W thread-ranks, recording what fidelity needs.
 
-The ranks are threads of this process (`apbv.bench.threads.ThreadWorld`): real strategy code, real collectives
-by reference, one rank computing at a time. Each rank patchifies its own temporal patches, encodes them and
-runs `generate` exactly as an engine worker does; on top, the first-token logits and (optionally) every
+The ranks are threads of this process (`apbv.thread_comm.ThreadWorld`): real strategy code, real collectives
+by reference, one rank computing at a time. Each rank runs the engine's job code (`apbv.engine.job.run_job`) on
+its own temporal patches exactly as an engine worker does; on top, the first-token logits and (optionally) every
 layer's attention output, assembled in global token order, are kept for comparison with dense.
 """
 
@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from apbv.attention import get_strategy
 from apbv.attention.base import SequencePlan, Strategy
-from apbv.attention.layout import split_temporal_patches
-from apbv.bench.threads import ThreadWorld
+from apbv.attention.config import AttentionConfig
+from apbv.attention.registry import get_strategy, ranks_for
 from apbv.comm import Comm
-from apbv.config import AttentionConfig
-from apbv.inputs import ProcessorSpec, Prompt, build_prompt, patchify
+from apbv.engine.job import build_header, run_job
+from apbv.inputs import Prompt, build_prompt, shard_frames
 from apbv.metrics import MetricsRecorder
-from apbv.model.generate import SamplingParams, VideoShard, generate
+from apbv.model.generate import SamplingParams
 from apbv.model.loading import LoadedModel
 from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.thread_comm import ThreadWorld
 from apbv.video import SampledVideo
 
 
@@ -53,13 +53,16 @@ class _Recorder:
         full[:, rows] = out.float()
 
 
-class _RecordingStrategy:
-    """Delegates to a strategy and records each rank's prefill outputs (duck-types `Strategy` for generate)."""
+class _RecordingStrategy(Strategy):
+    """A strategy that records each rank's prefill outputs of the strategy it wraps."""
 
     def __init__(self, inner: Strategy, recorder: _Recorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-        self.plan = inner.plan
+        super().__init__(inner.config)
+        self.inner, self.recorder = inner, recorder
+        self.name, self.exact = inner.name, inner.exact
+
+    def plan(self, n_context: int, n_query: int, world_size: int) -> SequencePlan:
+        return self.inner.plan(n_context, n_query, world_size)
 
     def prefill(self, q, k, v, plan: SequencePlan, layer_idx: int, comm: Comm, metrics: MetricsRecorder) -> Tensor:
         out = self.inner.prefill(q, k, v, plan, layer_idx, comm, metrics)
@@ -88,26 +91,21 @@ def ask(
     max_new_tokens: int = 8,
     record_layers: bool = False,
 ) -> Answer:
-    """Greedy answer of `question` about `video` with config.strategy on world_size thread-ranks."""
-    model = loaded.rank_model.model
-    spec: ProcessorSpec = loaded.spec
-    world_size = 1 if config.strategy == "dense" else world_size
+    """Greedy answer of `question` about `video` with config.strategy on world_size thread-ranks, each running the
+    engine's own job code (`apbv.engine.job`) on its share of the frames."""
+    model, spec = loaded.rank_model.model, loaded.spec
     prompt = build_prompt(loaded.tokenizer, video, question, spec)
-    grid = prompt.video_grid_thw[0]
-    patches = split_temporal_patches(int(grid[0]), world_size)
-    tokens_per_rank = [len(r) * int(grid[1] * grid[2]) // spec.merge_size**2 for r in patches]
-    recorder = _Recorder(prompt.input_ids.numel())
-    strategy = get_strategy(config)
-    if record_layers:
-        strategy = _RecordingStrategy(strategy, recorder)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids)
+    world_size = ranks_for(config.strategy, world_size)
+    header = build_header("qa", prompt, video.frames.shape, world_size, config, sampling, spec)
+    recorder = _Recorder(prompt.input_ids.numel())
+    strategy = _RecordingStrategy(get_strategy(config), recorder) if record_layers else None
+
     def rank_fn(rank: int, comm: Comm) -> tuple[list[int], Tensor | None, float]:
         view = _FirstLogits(model)
-        frames = video.frames[2 * patches[rank].start : 2 * patches[rank].stop]
-        pixels, local_grid = patchify(frames, spec)
-        shard = VideoShard(pixels=pixels, grid_thw=local_grid, tokens_per_rank=tokens_per_rank)
+        frames = shard_frames(video.frames, header.patch_ranges[rank], spec)
         metrics = MetricsRecorder(rank, comm.device)
-        ids = list(generate(view, prompt, shard, strategy, comm, metrics, sampling))
+        ids = list(run_job(header, frames, view, spec, comm, metrics, lambda: False, strategy))
         return ids, view.first, metrics.counters.get("attn_pairs", 0.0)
 
     with ThreadWorld(world_size, loaded.rank_model.device) as world:

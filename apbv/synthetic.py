@@ -22,6 +22,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from apbv.video import SampledVideo
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
     "green": (30, 180, 50),
@@ -47,6 +49,9 @@ QUESTIONS = {
 }
 
 _NEEDLE_GAP = 2  # background frames at least between two needles, so that counting is well defined
+FRAME_SIZE = (112, 112)  # (H, W) of the embedded model's frames: 16 visual tokens per temporal patch
+HELD_OUT_SEED = 1 << 31  # held-out samples have seeds from here on; training seeds stay below
+EVAL_FPS = 2.0  # the frame rate held-out videos are read at
 
 
 @dataclass
@@ -64,7 +69,7 @@ class Sample:
 def make_sample(
     seed: int,
     num_frames: int = 64,
-    size: tuple[int, int] = (112, 112),
+    size: tuple[int, int] = FRAME_SIZE,
     task: str = "color",
     needle_len: int = 2,
 ) -> Sample:
@@ -98,6 +103,16 @@ def make_sample(
         frames[segment] = np.where(rgba[..., 3:] > 0, rgba[..., :3], frames[segment])
         needle_frames += range(start, start + needle_len)
     return Sample(frames, question, answer, task, needle_frames, choices)
+
+
+def held_out(i: int, num_frames: int, task: str) -> Sample:
+    """Held-out sample i (seed HELD_OUT_SEED + i): never drawn in training."""
+    return make_sample(HELD_OUT_SEED + i, num_frames, FRAME_SIZE, task)
+
+
+def as_video(sample: Sample, fps: float = EVAL_FPS) -> SampledVideo:
+    """The sample's frames as a video read at `fps` (every frame kept; the rate sets the M-RoPE time step)."""
+    return SampledVideo(sample.frames, sample_fps=fps, source_fps=fps, duration_s=len(sample.frames) / fps)
 
 
 @dataclass(frozen=True)

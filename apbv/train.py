@@ -31,33 +31,30 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from apbv import synthetic
-from apbv.bench.record import environment
-from apbv.config import AttentionConfig
+from apbv.attention.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
 from apbv.model.loading import load_model
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
 from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
 from apbv.qa import ask
-from apbv.video import SampledVideo
+from apbv.run_record import environment
+from apbv.synthetic import EVAL_FPS, FRAME_SIZE, HELD_OUT_SEED, as_video, held_out
 
 MODEL_OVERRIDES = {
     "text_config": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
                     "num_attention_heads": 4, "num_key_value_heads": 2},
     "vision_config": {"hidden_size": 96, "intermediate_size": 192, "num_heads": 4, "depth": 2},
 }  # fmt: skip
-FRAME_SIZE = (112, 112)
 VIDEO_PIXELS = (4 * 28 * 28, 112 * 112)  # per-frame (min, max): 112x112 frames stay as they are, 16 tokens
-HELD_OUT_SEED = 1 << 31
 _SEEDS_PER_RUN = 10_000_000  # training seeds of run S: S * _SEEDS_PER_RUN + i (vision clips: the upper half)
 TASK_WEIGHTS = {"color": 1.0, "shape": 1.5, "digit": 1.5, "word": 1.0, "order": 1.0, "count": 1.0}
 MIN_FRAMES = {"order": 8, "count": 16}  # room for 2 and 4 needles; one-needle tasks need the needle's frames
 SAMPLE_FPS = (0.1, 8.0)  # default range of the sampled frame rate: it sets the M-RoPE time step, so how many
 # positions a video's tokens span (a long video read at a low rate: thousands)
-EVAL_FPS = 2.0  # the held-out videos' standard frame rate
 
 
 @dataclass(frozen=True)
@@ -73,12 +70,7 @@ class Example:
     task: str
 
 
-def as_video(sample: synthetic.Sample, fps: float) -> SampledVideo:
-    """The sample's frames as a video read at `fps` (every frame kept; the rate sets the M-RoPE time step)."""
-    return SampledVideo(sample.frames, sample_fps=fps, source_fps=fps, duration_s=len(sample.frames) / fps)
-
-
-def make_example(tokenizer, spec: ProcessorSpec, sample: synthetic.Sample, sample_fps: float) -> Example:
+def make_example(tokenizer: PreTrainedTokenizerBase, spec: ProcessorSpec, sample: synthetic.Sample, sample_fps: float) -> Example:
     """The engine's prompt for `sample` (same chat template, same patchify) followed by the answer."""
     prompt = build_prompt(tokenizer, as_video(sample, sample_fps), sample.question, spec)
     target = tokenizer.encode(sample.answer + IM_END, add_special_tokens=False)
@@ -310,11 +302,6 @@ def run_stage(
         if last:
             return step + 1
     return 0
-
-
-def held_out(i: int, num_frames: int, task: str) -> synthetic.Sample:
-    """Held-out sample i (seed HELD_OUT_SEED + i): never drawn in training."""
-    return synthetic.make_sample(HELD_OUT_SEED + i, num_frames, FRAME_SIZE, task)
 
 
 def evaluate(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import queue
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -19,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from apbv.comm import free_port
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:

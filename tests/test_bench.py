@@ -7,16 +7,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from apbv.attention import distributed_attention, get_strategy
+from apbv.attention.config import AttentionConfig
 from apbv.bench.attention import main
-from apbv.bench.threads import PROJECTED, ThreadWorld
-from apbv.comm import Comm
-from apbv.config import AttentionConfig
+from apbv.comm import Comm, free_port
 from apbv.metrics import MetricsRecorder
+from apbv.thread_comm import PROJECTED, ThreadWorld
 
-from .distributed import free_port, run_ranks
+from .distributed import run_ranks
 
 N, LQ = 181, 4
 
@@ -41,6 +42,7 @@ def _gloo(rank: int, world: int) -> dict:
     return _outputs(rank, Comm())
 
 
+@pytest.mark.multiprocess
 def test_thread_comm_matches_gloo_bitwise():
     gloo = run_ranks(3, _gloo, timeout=90)
     threads = torch.get_num_threads()
@@ -91,6 +93,7 @@ def test_benchmark_cli(tmp_path, capsys):
     assert rows["ring"]["world_size"] == 2 and rows["ring"]["bytes_per_layer"] > 0 and rows["ring"]["timing"] == PROJECTED
 
 
+@pytest.mark.multiprocess
 def test_benchmark_under_torchrun_measures_real_processes(tmp_path):
     """Two gloo processes launched by torchrun: measured timings, the same work and traffic per rank as threads."""
     out = tmp_path / "bench.json"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .distributed import free_port
+from apbv.comm import free_port
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 180

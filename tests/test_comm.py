@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -44,6 +45,7 @@ def _exercise(rank: int, world: int) -> dict:
     }
 
 
+@pytest.mark.multiprocess
 def test_comm_on_three_gloo_ranks():
     results = run_ranks(3, _exercise, timeout=90)
     for rank, res in enumerate(results):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from apbv.config import STRATEGIES
-from ui.controls import SAMPLE_BY_FPS, SAMPLE_BY_FRAMES, STRATEGY_CHOICES, make_request, with_strategy
+from apbv.attention.registry import STRATEGY_NAMES
+from ui.controls import (
+    SAMPLE_BY_FPS,
+    SAMPLE_BY_FRAMES,
+    STRATEGY_CHOICES,
+    make_request,
+    with_strategy,
+)
 
 
 def _request(strategy: str, sample_by: str = SAMPLE_BY_FRAMES, max_pixels: int = 0):
@@ -11,7 +17,7 @@ def _request(strategy: str, sample_by: str = SAMPLE_BY_FRAMES, max_pixels: int =
 
 
 def test_every_engine_strategy_is_offered_once():
-    assert sorted(value for _, value in STRATEGY_CHOICES) == sorted(STRATEGIES)
+    assert sorted(value for _, value in STRATEGY_CHOICES) == sorted(STRATEGY_NAMES)
 
 
 def test_apbv_request_carries_the_page_settings():

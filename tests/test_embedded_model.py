@@ -13,10 +13,10 @@ from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.engine.job import prepare_job, run_job
+from apbv.inputs import shard_frames
 from apbv.metrics import MetricsRecorder
 from apbv.model.loading import EMBEDDED_MODEL, default_model_path, load_model
-from apbv.synthetic import write_mp4
-from apbv.train import FRAME_SIZE, held_out
+from apbv.synthetic import FRAME_SIZE, held_out, write_mp4
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="no trained model shipped")
@@ -48,9 +48,8 @@ def _answer(rank: int, world_size: int, video: str, question: str, strategy: str
     metrics = MetricsRecorder(rank, torch.device("cpu"))
     header, frames = prepare_job("t", request, world_size, loaded.tokenizer, loaded.spec, Limits(), loaded.stop_ids,
                                  metrics)  # fmt: skip
-    assert header.frame_shape == (*FRAME_SIZE, 3)  # read at the model's size, not upsampled to 336x336
-    start, end = header.patch_ranges[rank]
-    local = torch.from_numpy(frames[2 * start : 2 * end].copy())
+    assert header.frames_shape == (FRAMES, *FRAME_SIZE, 3)  # read at the model's size, not upsampled to 336x336
+    local = shard_frames(frames, header.patch_ranges[rank], loaded.spec)
     comm = Comm.single() if world_size == 1 else Comm()
     ids = list(run_job(header, local, loaded.rank_model, loaded.spec, comm, metrics, lambda: False))
     return loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -61,6 +60,8 @@ def test_answers_held_out_video_dense(sample_video):
     assert _answer(0, 1, str(path), question, "dense") == answer
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_answers_held_out_video_apbv_two_processes(sample_video):
     path, question, answer = sample_video
     assert run_ranks(2, _answer, str(path), question, "apbv", timeout=120) == [answer, answer]

@@ -18,7 +18,6 @@ import torch
 from transformers import AutoConfig
 
 from apbv.attention import get_strategy
-from apbv.bench.threads import ThreadWorld
 from apbv.config import Limits
 from apbv.engine.api import Request, Result
 from apbv.engine.job import attention_config
@@ -33,6 +32,9 @@ from apbv.errors import (
     WorkerDied,
 )
 from apbv.metrics import MetricsRecorder
+from apbv.thread_comm import ThreadWorld
+
+pytestmark = pytest.mark.multiprocess
 
 WAIT_S = 120.0  # per request; a request of the tiny model takes well under a second
 LONG = 400  # max_new_tokens of a request that is still decoding when the test acts on it (~2 s)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from apbv.comm import free_port
 from apbv.engine.api import Request
 from apbv.engine.pool import EnginePool
 from apbv.errors import EmptyQuestion, VideoUnreadable
-from tests.distributed import free_port
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 120.0

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from apbv.attention.registry import strategy_label
 from apbv.engine.api import Result
-from apbv.metrics import RankMetrics, Span
+from apbv.metrics import RankMetrics, Span, balance
 from ui import figures
 
 
@@ -32,11 +33,11 @@ def test_stage_bars_keep_unknown_categories_and_drop_empty_ones():
     assert {t.name: t.y[0] for t in fig.data} == {"attention compute": 500.0, "new_thing": 250.0}
 
 
-def test_balance_ratio():
-    assert figures.balance_ratio([2.0, 2.0, 2.0]) == 1.0
-    assert figures.balance_ratio([3.0, 1.0]) == 1.5
-    assert math.isnan(figures.balance_ratio([]))
-    assert math.isnan(figures.balance_ratio([0.0, 0.0]))
+def test_balance():
+    assert balance([2.0, 2.0, 2.0]) == 1.0
+    assert balance([3.0, 1.0]) == 1.5
+    assert math.isnan(balance([]))
+    assert math.isnan(balance([0.0, 0.0]))
 
 
 def test_attention_work_in_tflop_with_balance_in_title(recorded):
@@ -79,7 +80,7 @@ def test_history_groups_runs_by_strategy(recorded):
     assert len(measured) == len({r.strategy for r in recorded}) and not any("projected" in n for n in measured)
     for strategy in {r.strategy for r in recorded}:
         runs = sorted((r for r in recorded if r.strategy == strategy), key=lambda r: r.visual_tokens)
-        trace = measured[f"{figures.strategy_label(strategy)} (measured)"]
+        trace = measured[f"{strategy_label(strategy)} (measured)"]
         assert list(trace.x) == [r.visual_tokens for r in runs]
         assert list(trace.y) == pytest.approx([figures.stage_ms(r, "prefill") for r in runs])
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
-from apbv.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, patchify, prepare_inputs
+from apbv.inputs import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ProcessorSpec,
+    patchify,
+    prepare_inputs,
+)
 from apbv.synthetic import write_mp4
 from apbv.video import SampledVideo, estimate_visual_tokens, read_video
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from apbv.attention import get_strategy
+from apbv.attention.config import AttentionConfig
 from apbv.attention.layout import split_temporal_patches
-from apbv.config import AttentionConfig
+from apbv.attention.registry import (
+    BASELINE,
+    STRATEGIES,
+    STRATEGY_NAMES,
+    ranks_for,
+    strategy_label,
+)
 from apbv.errors import LayoutError
 
 from .reference import spec_layout
@@ -90,13 +97,17 @@ def test_errors(strategy, n, lq, w, match):
 
 
 def test_split_temporal_patches():
-    assert split_temporal_patches(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
-    assert split_temporal_patches(4, 4) == [range(i, i + 1) for i in range(4)]
+    assert split_temporal_patches(10, 4, 2) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert split_temporal_patches(4, 4, 2) == [range(i, i + 1) for i in range(4)]
     with pytest.raises(LayoutError, match="at least 4 temporal patches \\(8 frames\\)"):
-        split_temporal_patches(3, 4)
+        split_temporal_patches(3, 4, 2)
 
 
-def test_get_strategy_names():
-    for name in ("dense", "ring", "star", "apb", "apbv"):
+def test_registry_resolves_every_strategy_by_name():
+    assert STRATEGY_NAMES == ("dense", "ring", "star", "apb", "apbv")
+    for name, entry in STRATEGIES.items():
         strategy = get_strategy(AttentionConfig(name))
         assert strategy.name == name and strategy.exact == (name in ("dense", "ring"))
+        assert strategy_label(name) == entry.label and ranks_for(name, 4) == (1 if name == BASELINE else 4)
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of dense, ring"):
+        AttentionConfig("nope")

@@ -20,17 +20,26 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from apbv.attention import get_strategy
-from apbv.attention.layout import split_temporal_patches
+from apbv.attention.config import AttentionConfig
 from apbv.comm import Comm
-from apbv.config import AttentionConfig
-from apbv.inputs import PreparedInputs, ProcessorSpec, patchify, prepare_inputs
+from apbv.inputs import (
+    PreparedInputs,
+    ProcessorSpec,
+    VideoShard,
+    prepare_inputs,
+    shard_frames,
+    temporal_shards,
+    video_shard,
+)
 from apbv.metrics import NullRecorder
-from apbv.model.generate import SamplingParams, VideoShard, generate, sample_token
+from apbv.model.generate import SamplingParams, generate, sample_token
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.synthetic import make_sample
 from apbv.video import SampledVideo
 
 from .distributed import run_ranks
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 FRAMES = 12  # 6 temporal patches: every W in 1..4 gets at least one
 NEW_TOKENS = 8
@@ -65,13 +74,10 @@ def _load(model_dir: str) -> QwenVLRank:
     return QwenVLRank(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir))
 
 
-def _shard(frames: np.ndarray, prepared: PreparedInputs, spec: ProcessorSpec, comm: Comm) -> VideoShard:
+def _shard(frames: np.ndarray, spec: ProcessorSpec, comm: Comm) -> VideoShard:
     """This rank's temporal patches, patchified from its own frames (as every engine rank does)."""
-    ranges = split_temporal_patches(int(prepared.video_grid_thw[0, 0]), comm.world_size)
-    per_patch = prepared.visual_tokens // int(prepared.video_grid_thw[0, 0])
-    mine = ranges[comm.rank]
-    pixels, grid = patchify(frames[2 * mine.start : 2 * mine.stop], spec)
-    return VideoShard(pixels, grid, [len(r) * per_patch for r in ranges])
+    patches = temporal_shards(frames.shape[0], comm.world_size, spec)
+    return video_shard(shard_frames(frames, patches[comm.rank], spec), patches, spec)
 
 
 def _generate(model: QwenVLRank, prepared, shard, config, comm, sampling) -> Run:
@@ -88,7 +94,7 @@ def _generate(model: QwenVLRank, prepared, shard, config, comm, sampling) -> Run
 
 def _rank_cases(rank: int, world: int, model_dir: str, prepared: PreparedInputs, frames: np.ndarray) -> dict:
     model, spec, comm = _load(model_dir), ProcessorSpec.from_pretrained(model_dir), Comm()
-    shard = _shard(frames, prepared, spec, comm)
+    shard = _shard(frames, spec, comm)
     vision = model.encode_video(shard.pixels, shard.grid_thw, shard.tokens_per_rank, comm, NullRecorder())
     runs = {name: _generate(model, prepared, shard, cfg, comm, GREEDY) for name, cfg in {**EXACT, **APPROXIMATE}.items()}
     for name, sampling in {"sampled": SAMPLED, "sampled_again": SAMPLED, "nucleus_of_one": NUCLEUS_OF_ONE}.items():
@@ -124,7 +130,7 @@ def reference(tiny_dir):
 def single(tiny_dir, prepared, frames) -> Run:
     """W = 1 dense (the FlashAttention baseline) through the runner, in this process."""
     model, comm = _load(str(tiny_dir)), Comm.single()
-    shard = _shard(frames, prepared, ProcessorSpec.from_pretrained(tiny_dir), comm)
+    shard = _shard(frames, ProcessorSpec.from_pretrained(tiny_dir), comm)
     return _generate(model, prepared, shard, _config("dense"), comm, GREEDY)
 
 

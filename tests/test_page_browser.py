@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,10 @@ from typing import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from apbv.comm import free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.multiprocess, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -27,12 +30,6 @@ CHROMIUM_ARGS = [
 ]
 STARTUP_TIMEOUT_S = 240
 ANSWER_TIMEOUT_MS = 180_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -52,7 +49,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     ARTIFACTS.mkdir(exist_ok=True)
-    port, log = _free_port(), ARTIFACTS / "app.log"
+    port, log = free_port(), ARTIFACTS / "app.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     cmd = [sys.executable, "app.py", "--device", "cpu", "--gpus", "2", "--port", str(port)]
     with open(log, "w") as out:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from apbv.engine.api import Request
 from ui.controls import with_strategy
 from ui.runner import STAGES, run, stream
 from ui.video_info import estimate_visual_tokens, probe
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_stream_reports_stages_tokens_and_the_result(pool, example_video):

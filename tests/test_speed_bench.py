@@ -8,17 +8,18 @@ import os
 import subprocess
 import sys
 
-from apbv.bench.speed import main
-from apbv.config import STRATEGIES
+import pytest
 
-from .distributed import free_port
+from apbv.attention.registry import STRATEGY_NAMES
+from apbv.bench.speed import main
+from apbv.comm import free_port
 
 
 def test_speed_sweep_writes_every_point(tmp_path):
     out = tmp_path / "speed"
     rows = main(["--arch", "tiny", "--resolutions", "360p", "--frames", "4", "8", "--world-size", "2",
                  "--warmup", "0", "--repeats", "1", "--device", "cpu", "--out", str(out)])  # fmt: skip
-    assert [(r["frames"], r["strategy"]) for r in rows] == [(f, s) for f in (4, 8) for s in STRATEGIES]
+    assert [(r["frames"], r["strategy"]) for r in rows] == [(f, s) for f in (4, 8) for s in STRATEGY_NAMES]
     lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert len(lines) == len(rows)
     for line, row in zip(lines, rows):
@@ -34,6 +35,7 @@ def test_speed_sweep_writes_every_point(tmp_path):
     assert "plotly" in out.with_suffix(".html").read_text()
 
 
+@pytest.mark.multiprocess
 def test_speed_under_torchrun_measures_real_processes(tmp_path):
     """Two gloo processes launched by torchrun: the rows are measured (not projected), rank 0 alone writes them,
     and every strategy's work and traffic equal those of the thread-ranks run of the same point."""
@@ -46,7 +48,7 @@ def test_speed_under_torchrun_measures_real_processes(tmp_path):
     subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
     measured = [json.loads(line) for line in (tmp_path / "speed-tiny-0.5.jsonl").read_text().splitlines()]
     projected = main(common)
-    assert [r["strategy"] for r in measured] == [r["strategy"] for r in projected] == list(STRATEGIES)
+    assert [r["strategy"] for r in measured] == [r["strategy"] for r in projected] == list(STRATEGY_NAMES)
     for m, p in zip(measured, projected):
         assert m["meta"]["command"].startswith("python -m torch.distributed.run --nproc-per-node 2 -m apbv.bench.speed")
         assert m["timing"] == ("measured" if m["strategy"] == "dense" else "measured (2 processes, gloo)")
@@ -58,4 +60,4 @@ def test_speed_under_torchrun_measures_real_processes(tmp_path):
     assert (tmp_path / "speed-tiny-0.5.html").exists()
     table = (tmp_path / "speed-tiny-0.5.md").read_text()
     assert "measured (2 processes, gloo)" in table and "## Per rank at 360p x 8 frames" in table
-    assert table.count("| balance |") == len(STRATEGIES)
+    assert table.count("| balance |") == len(STRATEGY_NAMES)

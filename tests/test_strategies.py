@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from apbv.attention import distributed_attention, get_strategy
+from apbv.attention.config import AttentionConfig
 from apbv.comm import Comm
-from apbv.config import AttentionConfig
 from apbv.metrics import MetricsRecorder
 
 from .distributed import run_ranks
 from .reference import anchored_mask, causal_mask, masked_attention, spec_layout
+
+pytestmark = pytest.mark.multiprocess
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

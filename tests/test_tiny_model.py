@@ -9,7 +9,13 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from apbv.inputs import ProcessorSpec, prepare_inputs
-from apbv.model.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_model, build_tokenizer, tiny_config
+from apbv.model.tiny import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_tiny_model,
+    build_tokenizer,
+    tiny_config,
+)
 from apbv.synthetic import make_sample
 from apbv.video import SampledVideo
 

@@ -10,7 +10,8 @@ import torch
 from apbv import synthetic
 from apbv.inputs import ProcessorSpec, patchify
 from apbv.model.loading import load_model
-from apbv.train import _SEEDS_PER_RUN, FRAME_SIZE, NeedleClips, TrainingBatches, main
+from apbv.synthetic import FRAME_SIZE
+from apbv.train import _SEEDS_PER_RUN, NeedleClips, TrainingBatches, main
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

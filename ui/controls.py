@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from apbv.attention.registry import STRATEGIES, ranks_for
 from apbv.engine.api import Request
-from ui.figures import STRATEGY_LABELS
 
-# Dropdown choices as (label, value); the first strategy is the page's default.
-STRATEGY_CHOICES: list[tuple[str, str]] = [(STRATEGY_LABELS[s], s) for s in ("apbv", "dense", "ring", "star", "apb")]
-BASELINE = "dense"  # FlashAttention on one GPU
+# Dropdown choices as (label, value), in the registry's order.
+STRATEGY_CHOICES: list[tuple[str, str]] = [(e.label, e.name) for e in STRATEGIES.values()]
+DEFAULT_STRATEGY = "apbv"
 SAMPLE_BY_FRAMES, SAMPLE_BY_FPS = "frame count", "frames per second"
 # Per-frame pixel budgets; 0 lets the engine choose.
 MAX_PIXEL_CHOICES: list[tuple[str, int]] = [
@@ -56,7 +56,7 @@ def with_strategy(request: Request, strategy: str, ranks: int) -> Request:
     return replace(
         request,
         strategy=strategy,
-        world_size=1 if strategy == BASELINE else ranks,
+        world_size=ranks_for(strategy, ranks),
         anchor_ratio=request.anchor_ratio if keep else None,
         passing_ratio=request.passing_ratio if keep else None,
     )

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
+from apbv.attention.registry import strategy_label
 from apbv.engine.api import Result
-from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, READ, VISION, RankMetrics
+from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, READ, VISION, RankMetrics, balance
 
 # Stage categories in stacking order, with the labels a user reads and their colours.
 CATEGORY_LABELS: dict[str, str] = {
@@ -33,13 +34,6 @@ CATEGORY_COLORS: dict[str, str] = {
     OTHER_LAYERS: "#9ecae9",
     DECODE: "#f28e2b",
 }
-STRATEGY_LABELS: dict[str, str] = {
-    "apbv": "APB-V",
-    "dense": "FlashAttention (1 GPU)",
-    "ring": "ZigZag ring",
-    "star": "Star",
-    "apb": "APB",
-}
 # Timeline stages (span names) coloured like the category that dominates them.
 STAGE_COLORS: dict[str, str] = {
     "read": CATEGORY_COLORS[READ],
@@ -48,10 +42,6 @@ STAGE_COLORS: dict[str, str] = {
     "decode": CATEGORY_COLORS[DECODE],
 }
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.2))
-
-
-def strategy_label(strategy: str) -> str:
-    return STRATEGY_LABELS.get(strategy, strategy)
 
 
 def rank_label(m: RankMetrics) -> str:
@@ -63,12 +53,6 @@ def stage_ms(result: Result, stage: str) -> float:
     """Latency of a timeline stage in ms: the slowest rank's summed span durations (0 when never recorded)."""
     per_rank = [sum(s.end - s.start for s in m.spans if s.name == stage) for m in result.ranks]
     return 1e3 * max(per_rank, default=0.0)
-
-
-def balance_ratio(values: Sequence[float]) -> float:
-    """max / mean of per-rank work: 1.0 is perfectly balanced (nan when there is no work)."""
-    mean = sum(values) / len(values) if values else 0.0
-    return max(values) / mean if mean > 0 else math.nan
 
 
 def stage_time_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
@@ -96,7 +80,7 @@ def attention_work_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
         unit = "attention work (query-key pairs)"
     fig = go.Figure(go.Bar(x=[rank_label(m) for m in ranks], y=values, marker_color="#2f7ed8", name=unit))
     fig.update_layout(
-        title=f"Attention load per rank — balance max/mean = {balance_ratio(values):.2f}", yaxis_title=unit, **_LAYOUT
+        title=f"Attention load per rank — balance max/mean = {balance(values):.2f}", yaxis_title=unit, **_LAYOUT
     )
     return fig
 

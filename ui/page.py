@@ -10,11 +10,12 @@ from typing import Iterator, Sequence
 
 import gradio as gr
 
+from apbv.attention.registry import BASELINE, strategy_label
 from apbv.config import Limits
 from apbv.engine.api import Result
 from ui import figures
 from ui.controls import (
-    BASELINE,
+    DEFAULT_STRATEGY,
     MAX_PIXEL_CHOICES,
     SAMPLE_BY_FPS,
     SAMPLE_BY_FRAMES,
@@ -76,7 +77,7 @@ def build_page(
                 cap = f" (max {max_upload_mb} MB)" if max_upload_mb else ""
                 video = gr.Video(label=f"Video{cap}", sources=["upload"], elem_id="video")
                 video_md = gr.Markdown(elem_id="video-info")
-                strategy = gr.Dropdown(STRATEGY_CHOICES, value="apbv", label="Attention strategy")
+                strategy = gr.Dropdown(STRATEGY_CHOICES, value=DEFAULT_STRATEGY, label="Attention strategy")
                 ranks = gr.Dropdown(
                     list(range(1, world_size + 1)), value=world_size, label="GPUs (ranks)",
                     info="FlashAttention always runs on 1",
@@ -185,7 +186,7 @@ def build_page(
             for s in strategies_for(request.strategy):
                 state = RunState()
                 for state in stream(pool, with_strategy(request, s, int(ranks_))):
-                    yield {status: f"{figures.strategy_label(s)}: {progress_text(state)}"}
+                    yield {status: f"{strategy_label(s)}: {progress_text(state)}"}
                 if not state.ok:
                     return
                 results.append(state.result)
@@ -207,7 +208,7 @@ def build_page(
         all_strategies = [value for _, value in STRATEGY_CHOICES]
 
         def on_compare(*args) -> Iterator[dict]:
-            yield from rerun(lambda s: ["apbv"] if s == BASELINE else [BASELINE], *args)
+            yield from rerun(lambda s: [DEFAULT_STRATEGY] if s == BASELINE else [BASELINE], *args)
 
         def on_sweep(*args) -> Iterator[dict]:
             yield from rerun(lambda s: [x for x in all_strategies if x != s], *args)

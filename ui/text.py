@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from apbv.attention.registry import strategy_label
 from apbv.engine.api import Result
-from ui.figures import speedup, stage_ms, strategy_label
+from ui.figures import speedup, stage_ms
 from ui.runner import STAGES, RunState
 from ui.video_info import VideoInfo
 

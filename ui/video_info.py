@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from apbv.errors import ApbvError
-from apbv.video import VideoInfo, estimate_visual_tokens as _estimate, probe_video, sample_frame_count
+from apbv.video import VideoInfo, probe_video, sample_frame_count
+from apbv.video import estimate_visual_tokens as _estimate
 
 __all__ = ["VideoInfo", "probe", "sampled_frames", "estimate_visual_tokens"]
 

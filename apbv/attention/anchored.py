@@ -78,7 +78,17 @@ class AnchoredStrategy(Strategy):
         outs.append(query.wait() if query_out is None else query_out)
         return torch.cat(outs, dim=1)
 
-    def _launch_selections(self, q, k, v, plan, blocks, counts, comm, metrics) -> list[Handle | None]:
+    def _launch_selections(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: AnchoredPlan,
+        blocks: list[tuple[int, int, int]],
+        counts: tuple[int, ...],
+        comm: Comm,
+        metrics: MetricsRecorder,
+    ) -> list[Handle | None]:
         """Select this rank's entries per slot position and launch their all-gathers (None: nothing to send)."""
         hkv, d = k.shape[0], k.shape[-1]
         qbar = None

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from apbv.comm import Comm
-from apbv.config import AttentionConfig
 from apbv.metrics import ATTENTION, MetricsRecorder
 
+from .config import AttentionConfig
 from .kernels import attend
 
 
@@ -45,7 +45,7 @@ class SequencePlan:
 
 
 class Strategy(ABC):
-    """A way to compute causal prefill attention over ranks; one subclass per file, registered in STRATEGIES."""
+    """A way to compute causal prefill attention over ranks; one subclass per file, registered in `registry`."""
 
     name: str
     exact: bool  # True when prefill equals dense causal attention (up to rounding)
@@ -98,9 +98,3 @@ def visible_pairs(sq: int, sk: int, causal: bool) -> int:
     seeing = min(sq, sk)  # rows that see at least one key: a triangle plus a full prefix of sk - sq keys
     return seeing * (seeing + 1) // 2 + seeing * max(0, sk - sq)
 
-
-def get_strategy(config: AttentionConfig) -> Strategy:
-    """The strategy named by config.strategy."""
-    from .registry import STRATEGY_CLASSES
-
-    return STRATEGY_CLASSES[config.strategy](config)

@@ -86,12 +86,12 @@ def ceil_blocks(start: int, end: int, count: int) -> tuple[Range, ...]:
     return fixed_blocks(start, end, math.ceil((end - start) / count) if count else 0, count)
 
 
-def split_temporal_patches(n_patches: int, world_size: int) -> list[range]:
+def split_temporal_patches(n_patches: int, world_size: int, frames_per_patch: int) -> list[range]:
     """Temporal patches each rank's vision encoder handles (§2): consecutive, remainders to the lowest ranks."""
     if n_patches < world_size:
         raise LayoutError(
             f"frame-parallel vision over {world_size} ranks needs at least {world_size} temporal patches "
-            f"({2 * world_size} frames); the video has {n_patches}"
+            f"({frames_per_patch * world_size} frames); the video has {n_patches}"
         )
     return balanced_split(n_patches, world_size)
 

@@ -6,7 +6,7 @@
 --tokens is the context length N (the query adds --query-tokens). Launched by torchrun (one process per GPU,
 `python -m torch.distributed.run --nproc-per-node W -m apbv.bench.attention ...`), the W ranks are real processes
 and their times are measured, communication included (apbv.bench.processes). Otherwise all W ranks run as threads
-on one device, one after another (apbv.bench.threads), so multi-rank timings are "projected (sequential ranks, no
+on one device, one after another (apbv.thread_comm), so multi-rank timings are "projected (sequential ranks, no
 communication)": per-rank compute time only. Dense runs on one rank. Only per-rank buffers are allocated (nothing
 quadratic), so --tokens 148480 --world-size 8 fits on one GPU.
 """
@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from apbv.attention import get_strategy
-from apbv.config import STRATEGIES, AttentionConfig
-from apbv.metrics import MetricsRecorder
+from apbv.attention.config import AttentionConfig
+from apbv.attention.registry import BASELINE, STRATEGY_NAMES, ranks_for
+from apbv.metrics import MetricsRecorder, balance
+from apbv.run_record import environment, write_json
 
 from .processes import bench_device, bench_world, reporting_rank
-from .record import environment, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,7 +47,7 @@ class Row:
 
 def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size: int, args) -> Row:
     config = AttentionConfig(name, overlap=True)
-    world_size = 1 if name == "dense" else world_size
+    world_size = ranks_for(name, world_size)
     strategy = get_strategy(config)
     plan = strategy.plan(n_context, n_query, world_size)
     device = q.device
@@ -68,7 +69,6 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
             times.append(list(world.busy))
     per_rank = [statistics.median(t[r] for t in times) for r in range(world_size)]
     pairs = [c.get("attn_pairs", 0.0) for c in counters]
-    mean_pairs = statistics.mean(pairs)
     return Row(
         strategy=name,
         world_size=world_size,
@@ -76,8 +76,8 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         mean_rank_s=statistics.mean(per_rank),
         speedup_vs_dense=None,
         attn_pairs_per_rank=pairs,
-        pair_balance=max(pairs) / mean_pairs if mean_pairs else 1.0,
-        time_balance=max(per_rank) / statistics.mean(per_rank),
+        pair_balance=balance(pairs),
+        time_balance=balance(per_rank),
         bytes_per_layer=sum(c.get("bytes_sent", 0.0) for c in counters),
         timing=world.timing,
     )
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGY_NAMES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
     v = torch.randn(args.kv_heads, total, args.head_dim, generator=g, device=device, dtype=dtype)
 
     rows = [bench_strategy(n, q, k, v, args.tokens, args.query_tokens, args.world_size, args) for n in names]
-    dense = next((r for r in rows if r.strategy == "dense"), None)
+    dense = next((r for r in rows if r.strategy == BASELINE), None)
     for r in rows:
         if dense is not None:
             r.speedup_vs_dense = dense.slowest_rank_s / r.slowest_rank_s

@@ -4,7 +4,7 @@
         [--passing-ratios 0 1/128 1/32 1/8 1] [--aligns 128 16] [--n 10] [--tasks color shape digit word order count]
         [--out bench/results/fidelity-cpu.json]
 
-On held-out synthetic videos (seeds of `apbv.train.held_out`, disjoint from training), every strategy runs on W
+On held-out synthetic videos (seeds of `apbv.synthetic.held_out`, disjoint from training), every strategy runs on W
 thread-ranks in this process (`apbv.qa.ask`: real strategy code and collectives, ranks taking turns) and is
 compared with dense on the same prompt: answer agreement, accuracy against the ground truth, KL(dense || strategy)
 of the first-token distribution, the relative error of every layer's attention output (all prompt rows, and
@@ -32,10 +32,10 @@ import torch
 import transformers
 
 from apbv import synthetic
-from apbv.config import AttentionConfig
+from apbv.attention.config import AttentionConfig
 from apbv.model.loading import load_model
 from apbv.qa import Answer, ask
-from apbv.train import EVAL_FPS, as_video, held_out
+from apbv.synthetic import EVAL_FPS, as_video, held_out
 
 PAPER = AttentionConfig()
 
@@ -153,7 +153,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "transformers": transformers.__version__,
         "git_commit": commit,
         "model": str(args.model or "embedded"),
-        "ranks": "W thread-ranks in one process (apbv.bench.threads), real strategy code and collectives",
+        "ranks": "W thread-ranks in one process (apbv.thread_comm), real strategy code and collectives",
         "sample_fps": EVAL_FPS,
         "tasks": list(args.tasks),
         "held_out_offset": args.offset,

@@ -22,17 +22,17 @@ from typing import Callable
 import torch
 
 from apbv.attention import get_strategy
+from apbv.attention.config import AttentionConfig
 from apbv.comm import Comm
-from apbv.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, prepare_inputs
 from apbv.metrics import NullRecorder
 from apbv.model.cache import ShardedKVCache
 from apbv.model.qwen2_5_vl import QwenVLRank, use_sequence_parallel_attention
 from apbv.model.tiny import build_tokenizer
+from apbv.run_record import environment, write_json
 from apbv.video import synthetic_video
 
 from .architectures import add_run_arguments, model_dtype, random_model
-from .record import environment, write_json
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> tuple[float, torch.Tensor]:

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from apbv.comm import Comm, backend_for, rank_device
-
-from .threads import ThreadWorld
+from apbv.thread_comm import ThreadWorld
 
 
 def launched_by_torchrun() -> bool:

@@ -10,7 +10,7 @@ rank (the single-GPU FlashAttention baseline, on the fastest kernel `attend` fin
 Launched by torchrun with one process per GPU (`python -m torch.distributed.run --nproc-per-node 8 -m
 apbv.bench.speed --world-size 8 ...`), the W ranks are real processes over NCCL, timed from a common barrier to
 each rank's end: measured latency, communication and its overlap included (apbv.bench.processes). Otherwise the
-W ranks run as threads on one device, one at a time (apbv.bench.threads): their per-rank times are "projected
+W ranks run as threads on one device, one at a time (apbv.thread_comm): their per-rank times are "projected
 (sequential ranks, no communication)", i.e. compute only; the slowest rank is the projected latency.
 
 Per point and strategy the rows carry every rank's metrics; `--stages-at RES:FRAMES` adds that point's per-rank
@@ -23,35 +23,38 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from apbv.attention import get_strategy
-from apbv.attention.layout import split_temporal_patches
-from apbv.config import STRATEGIES, AttentionConfig
-from apbv.inputs import ProcessorSpec, build_prompt, patchify
-from apbv.metrics import ATTENTION, COMM_WAIT, OTHER_LAYERS, VISION, MetricsRecorder
-from apbv.model.generate import SamplingParams, VideoShard, generate
+from apbv.attention.config import AttentionConfig
+from apbv.attention.registry import STRATEGY_NAMES, ranks_for
+from apbv.inputs import (
+    ProcessorSpec,
+    VideoShard,
+    build_prompt,
+    shard_frames,
+    temporal_shards,
+    video_shard,
+)
+from apbv.metrics import ATTENTION, COMM_WAIT, OTHER_LAYERS, VISION, MetricsRecorder, balance
+from apbv.model.generate import SamplingParams, generate
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.tiny import build_tokenizer
+from apbv.run_record import environment
 from apbv.video import synthetic_video
 
 from .architectures import add_run_arguments, model_dtype, random_model
 from .processes import bench_device, bench_world, reporting_rank
-from .record import environment
 
 
 def shards(frames, world_size: int, spec: ProcessorSpec, device: torch.device, dtype) -> list[VideoShard]:
-    """Every rank's patchified temporal patches, prepared before timing."""
-    patches = frames.shape[0] // spec.temporal_patch_size
-    ranges = split_temporal_patches(patches, world_size)
-    out = []
-    for r in ranges:
-        pixels, grid = patchify(frames[2 * r.start : 2 * r.stop], spec)
-        out.append(VideoShard(pixels.to(device, dtype), grid, []))
-    tokens = [int(s.grid_thw.prod()) // spec.merge_size**2 for s in out]
-    return [VideoShard(s.pixels, s.grid_thw, tokens) for s in out]
+    """Every rank's patchified temporal patches, on the device, prepared before timing."""
+    patches = temporal_shards(frames.shape[0], world_size, spec)
+    out = [video_shard(shard_frames(frames, p, spec), patches, spec) for p in patches]
+    return [replace(s, pixels=s.pixels.to(device, dtype)) for s in out]
 
 
 def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_size: int, args) -> dict:
@@ -77,8 +80,8 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
     return {
         "strategy": name, "world_size": world_size, "slowest_rank_s": max(per_rank),
         "mean_rank_s": statistics.mean(per_rank), "per_rank_s": per_rank,
-        "time_balance": max(per_rank) / statistics.mean(per_rank),
-        "attn_pair_balance": max(pairs) / statistics.mean(pairs) if any(pairs) else 1.0,
+        "time_balance": balance(per_rank),
+        "attn_pair_balance": balance(pairs),
         "layers": rank_model.num_layers,
         "prefill_bytes_per_layer": prefill_bytes / rank_model.num_layers,  # sent, all ranks together
         "ranks": records, "timing": world.timing,
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolutions", nargs="+", default=["1440p"])
     p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGY_NAMES))
     p.add_argument("--out", type=Path, help="PREFIX: PREFIX.jsonl (a line per point, written as it is measured), "
                    "PREFIX.md (table) and PREFIX.html (speedup vs frames)")  # fmt: skip
     p.add_argument("--stages-at", default="1440p:64", help="RES:FRAMES, the point whose per-rank stages are tabled")
@@ -121,7 +124,7 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 print(f"{args.arch} {resolution} x{frames}: {point['tokens']} tokens, W={args.world_size}", flush=True)
             point_rows, sharded = [], (0, [])  # (world size, its shards): reused by the strategies of equal W
             for name in [s for s in args.strategies.split(",") if s]:
-                w = 1 if name == "dense" else args.world_size
+                w = ranks_for(name, args.world_size)
                 try:
                     if sharded[0] != w:
                         sharded = (0, [])  # free the other world size's pixels before patchifying again

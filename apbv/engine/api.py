@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from apbv.config import STRATEGIES, Limits
+from apbv.attention.registry import STRATEGIES
+from apbv.config import Limits
 from apbv.errors import EmptyQuestion, InputError
 from apbv.metrics import RankMetrics
 
@@ -44,13 +45,14 @@ class Request:
         """Reject a request bad on its face (InputError subclasses); returns the ranks it runs on."""
         if not self.question or not self.question.strip():
             raise EmptyQuestion("the question is empty")
-        if self.strategy not in STRATEGIES:
+        entry = STRATEGIES.get(self.strategy)
+        if entry is None:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         w = self.world_size or engine_world_size
         if not 1 <= w <= engine_world_size:
             raise InputError(f"world_size {w} is outside 1..{engine_world_size} (ranks in this engine)")
-        if self.strategy == "dense" and w != 1:
-            raise InputError("the dense FlashAttention baseline runs on one GPU: use world_size 1")
+        if entry.single_rank and w != 1:
+            raise InputError(f"{entry.label} runs on one rank: use world_size 1")
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise InputError(f"max_new_tokens {self.max_new_tokens} is outside 1..{limits.max_new_tokens}")
         if self.num_frames is not None and self.num_frames < 1:

@@ -13,16 +13,25 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
-from apbv.attention import get_strategy
-from apbv.attention.layout import split_temporal_patches
+from apbv.attention.base import Strategy
+from apbv.attention.config import AttentionConfig
+from apbv.attention.registry import get_strategy
 from apbv.comm import Comm
-from apbv.config import AttentionConfig, Limits
+from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.errors import TooFewFrames
-from apbv.inputs import ProcessorSpec, Prompt, build_prompt, patchify
+from apbv.inputs import (
+    ProcessorSpec,
+    Prompt,
+    build_prompt,
+    shard_frames,
+    temporal_shards,
+    video_shard,
+)
 from apbv.metrics import READ, MetricsRecorder
-from apbv.model.generate import SamplingParams, VideoShard, generate
+from apbv.model.generate import SamplingParams, generate
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.video import read_video
 
@@ -36,9 +45,8 @@ class JobHeader:
     attention: AttentionConfig
     sampling: SamplingParams
     prompt: Prompt
-    frame_shape: tuple[int, int, int]  # (H, W, 3) of every sampled frame
-    patch_ranges: tuple[tuple[int, int], ...]  # temporal patches [start, end) per rank
-    visual_tokens: int
+    frames_shape: tuple[int, int, int, int]  # (T, H, W, 3) of the sampled frames
+    patch_ranges: tuple[range, ...]  # temporal patches per rank (`temporal_shards`)
     started_s: float = 0.0  # rank 0's request time when it sent the header: where the other ranks' clocks start
 
 
@@ -52,11 +60,40 @@ def attention_config(request: Request) -> AttentionConfig:
     return config
 
 
+def build_header(
+    request_id: str,
+    prompt: Prompt,
+    frames_shape: tuple[int, ...],
+    world_size: int,
+    attention: AttentionConfig,
+    sampling: SamplingParams,
+    spec: ProcessorSpec,
+) -> JobHeader:
+    """The header of a job on world_size ranks; raises TooFewFrames or LayoutError when it cannot be split."""
+    temporal_patches = int(prompt.video_grid_thw[0, 0])
+    if temporal_patches < world_size:
+        tp = spec.temporal_patch_size
+        raise TooFewFrames(
+            f"{world_size} ranks need at least {tp * world_size} frames ({world_size} temporal patches); "
+            f"the video gave {tp * temporal_patches} (or allow fewer ranks)"
+        )
+    get_strategy(attention).plan(prompt.n_context, prompt.n_query, world_size)  # raises LayoutError early
+    return JobHeader(
+        request_id=request_id,
+        world_size=world_size,
+        attention=attention,
+        sampling=sampling,
+        prompt=prompt,
+        frames_shape=tuple(frames_shape),
+        patch_ranges=temporal_shards(frames_shape[0], world_size, spec),
+    )
+
+
 def prepare_job(
     request_id: str,
     request: Request,
     world_size: int,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     spec: ProcessorSpec,
     limits: Limits,
     stop_ids: tuple[int, ...],
@@ -73,68 +110,49 @@ def prepare_job(
             **spec.read_video_pixels(request.max_pixels),
         )
         prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_prompt_tokens)
-    temporal_patches = int(prompt.video_grid_thw[0, 0])
     if request.allow_fewer_ranks:
-        world_size = min(world_size, temporal_patches)
-    if temporal_patches < world_size:
-        raise TooFewFrames(
-            f"{world_size} ranks need at least {2 * world_size} frames ({world_size} temporal patches); "
-            f"the video gave {2 * temporal_patches} (or allow fewer ranks)"
-        )
-    attention = attention_config(request)
-    get_strategy(attention).plan(prompt.n_context, prompt.n_query, world_size)  # raises LayoutError early
-    ranges = tuple((r.start, r.stop) for r in split_temporal_patches(temporal_patches, world_size))
-    header = JobHeader(
-        request_id=request_id,
-        world_size=world_size,
-        attention=attention,
-        sampling=SamplingParams(
-            max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop_ids=stop_ids,
-        ),
-        prompt=prompt,
-        frame_shape=tuple(video.frames.shape[1:]),
-        patch_ranges=ranges,
-        visual_tokens=prompt.visual_tokens,
+        world_size = min(world_size, int(prompt.video_grid_thw[0, 0]))
+    sampling = SamplingParams(
+        max_new_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop_ids=stop_ids,
     )
+    header = build_header(request_id, prompt, video.frames.shape, world_size, attention_config(request), sampling, spec)
     return header, video.frames
 
 
-def distribute_frames(header: JobHeader, frames: np.ndarray | None, comm: Comm) -> torch.Tensor:
+def distribute_frames(header: JobHeader, frames: np.ndarray | None, comm: Comm, spec: ProcessorSpec) -> np.ndarray:
     """Rank 0 sends each rank the frames of its temporal patches; returns this rank's frames (uint8)."""
-    start, end = header.patch_ranges[comm.rank]
     if comm.rank == 0:
         sends = [
-            comm.isend(torch.from_numpy(np.ascontiguousarray(frames[2 * a : 2 * b])).to(comm.device), dst=rank)
-            for rank, (a, b) in enumerate(header.patch_ranges)
+            comm.isend(torch.from_numpy(np.ascontiguousarray(shard_frames(frames, patches, spec))).to(comm.device), rank)
+            for rank, patches in enumerate(header.patch_ranges)
             if rank > 0
         ]
         for handle in sends:
             handle.wait()
-        return torch.from_numpy(np.ascontiguousarray(frames[2 * start : 2 * end]))
-    buffer = torch.empty((2 * (end - start), *header.frame_shape), dtype=torch.uint8, device=comm.device)
-    return comm.irecv(buffer, src=0).wait().cpu()
+        return shard_frames(frames, header.patch_ranges[0], spec)
+    count = len(shard_frames(range(header.frames_shape[0]), header.patch_ranges[comm.rank], spec))
+    buffer = torch.empty((count, *header.frames_shape[1:]), dtype=torch.uint8, device=comm.device)
+    return comm.irecv(buffer, src=0).wait().cpu().numpy()
 
 
 def run_job(
     header: JobHeader,
-    local_frames: torch.Tensor,
+    local_frames: np.ndarray,
     rank_model: QwenVLRank,
     spec: ProcessorSpec,
     comm: Comm,
     metrics: MetricsRecorder,
     should_stop: Callable[[], bool],
+    strategy: Strategy | None = None,
 ) -> Iterator[int]:
-    """This rank's share of the request: patchify own frames, then generate (yields token ids)."""
-    grid = header.prompt.video_grid_thw[0]
-    merge = spec.merge_size**2
-    tokens_per_rank = [(b - a) * int(grid[1] * grid[2]) // merge for a, b in header.patch_ranges]
-    pixels, local_grid = patchify(local_frames.numpy(), spec)
-    shard = VideoShard(pixels=pixels, grid_thw=local_grid, tokens_per_rank=tokens_per_rank)
-    strategy = get_strategy(header.attention)
+    """This rank's share of the request: patchify its own frames, then generate (yields token ids). `strategy`:
+    the header's own by default (the fidelity benchmark passes a recording one)."""
+    shard = video_shard(local_frames, header.patch_ranges, spec)
+    strategy = strategy or get_strategy(header.attention)
     yield from generate(rank_model, header.prompt, shard, strategy, comm, metrics, header.sampling, should_stop)
 
 

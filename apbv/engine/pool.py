@@ -16,23 +16,22 @@ import os
 import queue
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Client, Connection
 from dataclasses import asdict
+from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from apbv.comm import free_port
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
-from apbv.engine.worker import EXIT_OUT_OF_MEMORY
-from apbv.model.loading import default_model_path
+from apbv.engine.protocol import EXIT_OUT_OF_MEMORY, Cancel, EngineInfo, EventMessage, Job, Ready, Shutdown, ToEngine
 from apbv.errors import (
     ApbvError,
     Busy,
@@ -44,15 +43,10 @@ from apbv.errors import (
     WorkerDied,
     error_from_code,
 )
+from apbv.model.loading import default_model_path
 
 TERMINAL = ("result", "error", "cancelled")
 START_TIMEOUT_S = 600.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RequestHandle:
@@ -138,7 +132,7 @@ class EnginePool:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.restarts = 0
-        self.info: dict = {}
+        self.info: EngineInfo | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "EnginePool":
@@ -199,9 +193,12 @@ class EnginePool:
             alive = self._conn is not None and not self._conn.closed
         else:
             alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
-        return {"alive": alive, "world_size": self.world_size, "device": self.device, "model": self.model or "embedded",
-                "queued": self._queue.qsize(), "restarts": self.restarts, "pids": [p.pid for p in self._procs],
-                "video_pixels": self.info.get("video_pixels", {}), "max_prompt_tokens": self.limits.max_prompt_tokens}
+        info = self.info
+        return {"alive": alive, "world_size": self.world_size, "device": self.device,
+                "model": info.model if info else self.model or "embedded", "queued": self._queue.qsize(),
+                "restarts": self.restarts, "pids": [p.pid for p in self._procs],
+                "video_pixels": dict(info.video_pixels) if info else {},
+                "max_prompt_tokens": self.limits.max_prompt_tokens}
 
     def _validate(self, request: Request) -> None:
         request.check(self.world_size, self.limits)
@@ -212,11 +209,11 @@ class EnginePool:
     def _spawn(self) -> None:
         if self.attach:
             self._handshake(self.attach, bytes.fromhex(os.environ["APBV_AUTHKEY"]))
-            self.world_size, self.device = self.info["world_size"], self.info["device"]
+            self.world_size, self.device = self.info.world_size, self.info.device
             return
         authkey = secrets.token_bytes(16)
-        listen = f"127.0.0.1:{_free_port()}"
-        base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        listen = f"127.0.0.1:{free_port()}"
+        base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "WORLD_SIZE": str(self.world_size), "APBV_AUTHKEY": authkey.hex(), "OMP_NUM_THREADS": os.environ.get(
                     "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.world_size)))}
         if self.device == "cpu":
@@ -233,10 +230,10 @@ class EnginePool:
 
     def _handshake(self, listen: str, authkey: bytes) -> None:
         self._conn = self._connect(listen, authkey)
-        kind, info = self._conn.recv()
-        if kind != "ready":
-            raise EngineError(f"rank 0 at {listen} answered {kind!r} instead of ready")
-        self.info = info
+        message = self._conn.recv()
+        if not isinstance(message, Ready):
+            raise EngineError(f"rank 0 at {listen} answered {message!r} instead of Ready")
+        self.info = message.info
 
     def _connect(self, listen: str, authkey: bytes) -> Connection:
         host, port = listen.rsplit(":", 1)
@@ -271,7 +268,7 @@ class EnginePool:
     def _shutdown_workers(self) -> None:
         if self._conn is not None:
             try:
-                self._conn.send(("shutdown",))
+                self._conn.send(Shutdown())
             except (OSError, EOFError):
                 pass
             self._conn.close()
@@ -291,7 +288,7 @@ class EnginePool:
             proc.wait()
         if self._conn is not None:
             if self.attach:  # ask the remote ranks to exit, so that torchrun starts them afresh
-                self._send(("shutdown",))
+                self._send(Shutdown())
             self._conn.close()
             self._conn = None
         self.restarts += 1
@@ -329,7 +326,7 @@ class EnginePool:
                 self._fail_queued(WorkerDied(f"the engine is restarting after a failure ({err})"))
                 time.sleep(1.0)
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: ToEngine) -> None:
         try:
             self._conn.send(message)
         except (OSError, EOFError, AttributeError):  # AttributeError: no connection at all
@@ -338,7 +335,7 @@ class EnginePool:
     def _run(self, handle: RequestHandle) -> None:
         """Serve one request to its end; raises ApbvError when the workers failed (the caller restarts them)."""
         rid = handle.request_id
-        self._send(("job", rid, handle.request))
+        self._send(Job(rid, handle.request))
         deadline = time.monotonic() + self.request_timeout_s
         cancel_sent = False
         while True:
@@ -347,7 +344,7 @@ class EnginePool:
             with self._lock:
                 wants_cancel = rid in self._cancel
             if wants_cancel and not cancel_sent:
-                self._send(("cancel", rid))
+                self._send(Cancel(rid))
                 cancel_sent = True
             if time.monotonic() > deadline:
                 raise RequestTimeout(f"request took longer than {self.request_timeout_s:.0f} s; the ranks are restarted")
@@ -359,14 +356,15 @@ class EnginePool:
                 self._check_alive()
                 continue
             try:
-                _, event_rid, event = self._conn.recv()
+                message: EventMessage = self._conn.recv()
             except (OSError, EOFError):
                 self._check_alive()
                 time.sleep(0.2)
                 self._check_alive()
                 raise WorkerDied("lost the connection to rank 0") from None
-            if event_rid != rid:
+            if message.request_id != rid:
                 continue
+            event = message.event
             if event.kind == "error" and event.data.get("code") == WorkerDied.code:
                 raise WorkerDied(event.data["message"])
             handle._put(event)

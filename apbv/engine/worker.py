@@ -2,15 +2,12 @@
 
 Started by `EnginePool` (one subprocess per rank) or by torchrun for several nodes; either way the environment
 carries RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 listens on `--listen HOST:PORT` for one
-pool connection (pickled messages, authenticated with the hex key in APBV_AUTHKEY):
-
-    pool -> rank 0:  ("job", request_id, Request) | ("cancel", request_id) | ("shutdown",)
-    rank 0 -> pool:  ("ready", info) | ("event", request_id, Event)
+pool connection and speaks `apbv.engine.protocol` over it.
 
 Rank 0 prepares each job (bad input is answered there, no other rank involved), then broadcasts the header to all
 ranks; ranks of the job's group run it, every rank joins the final metrics gather. An error inside a running job
-cannot be recovered without tearing down the group, so the process exits (code 75 for out-of-memory) and the
-pool restarts all ranks.
+cannot be recovered without tearing down the group, so the process exits (EXIT_OUT_OF_MEMORY for out-of-memory)
+and the pool restarts all ranks.
 """
 
 from __future__ import annotations
@@ -28,16 +25,25 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 from apbv.comm import Comm, backend_for, rank_device
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.engine.job import JobHeader, distribute_frames, gather_metrics, prepare_job, run_job
+from apbv.engine.protocol import (
+    EXIT_OUT_OF_MEMORY,
+    Cancel,
+    EngineInfo,
+    EventMessage,
+    Job,
+    Ready,
+    Shutdown,
+    ToEngine,
+)
 from apbv.errors import ApbvError, Cancelled
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
-
-EXIT_OUT_OF_MEMORY = 75
 
 
 class Channel(Protocol):
@@ -45,7 +51,7 @@ class Channel(Protocol):
 
     cancelled: set[str]
 
-    def recv(self) -> tuple: ...
+    def recv(self) -> ToEngine: ...
 
     def send(self, request_id: str, kind: str, data: dict) -> None: ...
 
@@ -53,25 +59,25 @@ class Channel(Protocol):
 
 
 class PoolChannel:
-    """The connection to an EnginePool (pickled messages over an authenticated socket)."""
+    """The connection to an EnginePool (`apbv.engine.protocol` messages over an authenticated socket)."""
 
-    def __init__(self, conn: Connection, info: dict) -> None:
+    def __init__(self, conn: Connection, info: EngineInfo) -> None:
         self.conn = conn
         self.cancelled: set[str] = set()
-        conn.send(("ready", info))
+        conn.send(Ready(info))
 
-    def recv(self) -> tuple:
+    def recv(self) -> ToEngine:
         return self.conn.recv()
 
     def send(self, request_id: str, kind: str, data: dict) -> None:
-        self.conn.send(("event", request_id, Event(kind, data)))
+        self.conn.send(EventMessage(request_id, Event(kind, data)))
 
     def poll_cancel(self, request_id: str) -> bool:
         while self.conn.poll():
             msg = self.conn.recv()
-            if msg[0] == "cancel":
-                self.cancelled.add(msg[1])
-            elif msg[0] == "shutdown":
+            if isinstance(msg, Cancel):
+                self.cancelled.add(msg.request_id)
+            elif isinstance(msg, Shutdown):
                 raise SystemExit(0)
         return request_id in self.cancelled
 
@@ -80,11 +86,11 @@ class OneShotChannel:
     """A single request from this process (the CLI under torchrun): its events go to `on_event`."""
 
     def __init__(self, request: Request, on_event: Callable[[Event], None]) -> None:
-        self._messages = [("job", "cli", request), ("shutdown",)]
+        self._messages: list[ToEngine] = [Job("cli", request), Shutdown()]
         self.on_event = on_event
         self.cancelled: set[str] = set()
 
-    def recv(self) -> tuple:
+    def recv(self) -> ToEngine:
         return self._messages.pop(0)
 
     def send(self, request_id: str, kind: str, data: dict) -> None:
@@ -102,7 +108,7 @@ def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
     return groups
 
 
-def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Limits = Limits()) -> None:
+def serve(model: str | None, make_channel: Callable[[EngineInfo], Channel], limits: Limits = Limits()) -> None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device()
@@ -111,47 +117,60 @@ def serve(model: str | None, make_channel: Callable[[dict], Channel], limits: Li
     loaded = load_model(model, device)
     channel = None
     if rank == 0:
-        channel = make_channel({"world_size": world_size, "device": device.type, "model": loaded.name,
-                                "video_pixels": loaded.spec.read_video_pixels()})
-    while True:
-        header, frames, metrics = None, None, None
-        if rank == 0:
-            header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
-            if header != "shutdown":
-                header = replace(header, started_s=metrics.elapsed())
-        box = [header]
-        dist.broadcast_object_list(box, src=0)
-        header = box[0]
-        if header == "shutdown":
-            break
-        record = None
-        if rank != 0:
-            metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
-        if rank < header.world_size:
-            comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
-            record = _run_rank(header, frames, loaded, comm, channel, metrics)
-        records = gather_metrics(record, world_size)
-        if rank == 0 and record is not None and not record.get("cancelled"):
-            channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
-        elif rank == 0 and record is not None:
-            channel.send(header.request_id, "cancelled", {})
-        if rank == 0:
-            channel.cancelled.discard(header.request_id)
+        channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
+    while _serve_next(rank, world_size, device, groups, loaded, channel, limits):
+        pass
     dist.destroy_process_group()
+
+
+def _serve_next(
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    groups: dict[int, dist.ProcessGroup],
+    loaded: LoadedModel,
+    channel: Channel | None,
+    limits: Limits,
+) -> bool:
+    """Serve one job on every rank (rank 0 waits for it and hands it out); False once shutdown is asked."""
+    header, frames, metrics = None, None, None
+    if rank == 0:
+        header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
+        if isinstance(header, JobHeader):
+            header = replace(header, started_s=metrics.elapsed())
+    box = [header]
+    dist.broadcast_object_list(box, src=0)
+    header = box[0]
+    if isinstance(header, Shutdown):
+        return False
+    record = None
+    if rank != 0:
+        metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
+    if rank < header.world_size:
+        comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
+        record = _run_rank(header, frames, loaded, comm, channel, metrics)
+    records = gather_metrics(record, world_size)
+    if rank == 0:
+        if record.get("cancelled"):
+            channel.send(header.request_id, "cancelled", {})
+        else:
+            channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
+        channel.cancelled.discard(header.request_id)
+    return True
 
 
 def _next_job(
     channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device
-) -> tuple[JobHeader | str, np.ndarray | None, MetricsRecorder | None]:
+) -> tuple[JobHeader | Shutdown, np.ndarray | None, MetricsRecorder | None]:
     """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, frames, metrics)."""
     while True:
         msg = channel.recv()
-        if msg[0] == "shutdown":
-            return "shutdown", None, None
-        if msg[0] == "cancel":
-            channel.cancelled.add(msg[1])
+        if isinstance(msg, Shutdown):
+            return msg, None, None
+        if isinstance(msg, Cancel):
+            channel.cancelled.add(msg.request_id)
             continue
-        _, request_id, request = msg
+        request_id, request = msg.request_id, msg.request
         if request_id in channel.cancelled:
             channel.send(request_id, "cancelled", {})
             continue
@@ -183,7 +202,7 @@ def _run_rank(
         should_stop = lambda: channel.poll_cancel(rid)  # noqa: E731
     cancelled = False
     try:
-        local_frames = distribute_frames(header, frames, comm)
+        local_frames = distribute_frames(header, frames, comm, loaded.spec)
         for token in run_job(header, local_frames, loaded.rank_model, loaded.spec, comm, metrics, should_stop):
             if stream is not None:
                 stream.push(token)
@@ -208,7 +227,7 @@ class _TokenStream:
     character. Should decoding ever rewrite earlier text, the stream goes on from the common prefix (the final
     Result carries the exact answer)."""
 
-    def __init__(self, tokenizer, emit: Callable[[str, int], None]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, emit: Callable[[str, int], None]) -> None:
         self.tokenizer, self.emit = tokenizer, emit
         self.ids: list[int] = []
         self.text = ""
@@ -232,7 +251,7 @@ def _result(header: JobHeader, records: list[dict], loaded: LoadedModel) -> Resu
         token_ids=ids,
         strategy=header.attention.strategy,
         world_size=header.world_size,
-        visual_tokens=header.visual_tokens,
+        visual_tokens=header.prompt.visual_tokens,
         n_context=header.prompt.n_context,
         n_query=header.prompt.n_query,
         wall_s=0.0,  # filled in by the pool, which sees the client's clock
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limits", default="{}", help="per-request limits: JSON of apbv.config.Limits fields")
     args = parser.parse_args(argv)
 
-    def accept_pool(info: dict) -> PoolChannel:
+    def accept_pool(info: EngineInfo) -> PoolChannel:
         host, port = args.listen.rsplit(":", 1)
         with Listener((host, int(port)), authkey=bytes.fromhex(os.environ["APBV_AUTHKEY"])) as listener:
             print(f"rank 0 listening on {args.listen} for the pool", file=sys.stderr, flush=True)

@@ -14,9 +14,16 @@ import torch
 from apbv.attention.base import Strategy
 from apbv.comm import Comm
 from apbv.errors import Cancelled
-from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, MetricsRecorder, NullRecorder
+from apbv.inputs import Prompt, VideoShard
+from apbv.metrics import (
+    ATTENTION,
+    COMM_WAIT,
+    DECODE,
+    OTHER_LAYERS,
+    MetricsRecorder,
+    NullRecorder,
+)
 from apbv.model.cache import ShardedKVCache
-from apbv.inputs import Prompt
 from apbv.model.qwen2_5_vl import QwenVLRank
 
 
@@ -39,16 +46,6 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-@dataclass(frozen=True)
-class VideoShard:
-    """This rank's share of the video: its temporal patches' pixel rows, their grid, and every rank's count of
-    merged visual tokens (for the all-gather)."""
-
-    pixels: torch.Tensor
-    grid_thw: torch.Tensor
-    tokens_per_rank: list[int]
 
 
 def generate(

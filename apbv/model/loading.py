@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from apbv.inputs import ProcessorSpec
 from apbv.model.qwen2_5_vl import QwenVLRank
@@ -22,7 +22,7 @@ EMBEDDED_MODEL = REPO_ROOT / "assets" / "model"
 class LoadedModel:
     name: str
     rank_model: QwenVLRank
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     spec: ProcessorSpec
     stop_ids: tuple[int, ...]
 

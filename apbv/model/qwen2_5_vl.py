@@ -128,8 +128,9 @@ class QwenVLRank:
         metrics: MetricsRecorder,
         cache: ShardedKVCache,
     ) -> torch.Tensor | None:
-        """Run the decoder on this rank's local sequence; returns the final hidden state of the last prompt
-        token on the rank that holds it (the tail rank), else None. Fills `cache` with this rank's share."""
+        """Run the decoder on this rank's local sequence and fill `cache` with this rank's share. Returns the final
+        hidden state of the last prompt token where this rank's local rows include it (every rank for the anchored
+        strategies, which replicate the query; the tail rank for ring and dense), else None."""
         layout = plan.ranks[comm.rank]
         rows = layout.local_to_global.to(self.device)
         hidden = self._embed_local(prompt, video_embeds, rows)

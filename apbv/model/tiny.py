@@ -14,11 +14,30 @@ import functools
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from apbv import synthetic
-from apbv.inputs import CHAT_TEMPLATE, VIDEO_PAD, VISION_END, VISION_START, ProcessorSpec
+from apbv.inputs import (
+    CHAT_TEMPLATE,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    ProcessorSpec,
+)
 from apbv.video import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
 
 IM_START, IM_END, ENDOFTEXT, IMAGE_PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>"

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from apbv.comm import Comm
-
 
 PROJECTED = "projected (sequential ranks, no communication)"
 

@@ -1,0 +1,62 @@
+"""What the pool and rank 0 say to each other: frozen message types and the workers' exit codes.
+
+    pool -> rank 0:  Job | Cancel | Shutdown
+    rank 0 -> pool:  Ready (once, when the model is loaded) | EventMessage (every step of every request)
+
+Messages travel pickled over an authenticated `multiprocessing.connection` (the key: APBV_AUTHKEY), so both sides
+share these classes and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from apbv.engine.api import Event, Request
+
+EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this code; the pool reports OutOfMemory
+
+
+@dataclass(frozen=True)
+class Job:
+    """Run `request`; its events come back tagged with `request_id`."""
+
+    request_id: str
+    request: Request
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop `request_id` (queued on rank 0: never start it; running: at its next token)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Every rank leaves its loop and exits."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What rank 0 reports once its model is loaded: the engine's size, device and model, and the per-frame pixel
+    bounds it reads videos with (`ProcessorSpec.read_video_pixels`)."""
+
+    world_size: int
+    device: str
+    model: str
+    video_pixels: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: EngineInfo
+
+
+@dataclass(frozen=True)
+class EventMessage:
+    request_id: str
+    event: Event
+
+
+ToEngine = Job | Cancel | Shutdown
+FromEngine = Ready | EventMessage
