@@ -258,28 +258,44 @@ def prepare_inputs(
     return PreparedInputs(**vars(prompt), pixel_values_videos=pixel_values)
 
 
+def chat_messages(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """The conversation in the chat template's form: the video opens the first user turn, then each earlier
+    (question, answer) turn, then `question`."""
+    questions = [q for q, _ in history] + [question]
+    for q in questions:
+        if not q or not q.strip():
+            raise EmptyQuestion("the question is empty")
+    messages: list[dict] = []
+    for i, (q, a) in enumerate([*history, (question, None)]):
+        text = {"type": "text", "text": q}
+        messages.append({"role": "user", "content": [{"type": "video"}, text] if i == 0 else [text]})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return messages
+
+
 def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
     video: SampledVideo,
     question: str,
     spec: ProcessorSpec,
     max_tokens: int | None = None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> Prompt:
-    """Chat-template one user turn [video, question] with add_generation_prompt=True and tokenise it
-    (the tokenizer's own template; the Qwen2.5-VL one if it has none).
+    """Chat-template the conversation (`chat_messages`: the video and the first question, earlier answers,
+    `question` last) with add_generation_prompt=True and tokenise it (the tokenizer's own template; the Qwen2.5-VL
+    one if it has none). The context is everything up to <|vision_end|>; the query the rest.
 
-    Raises EmptyQuestion (blank question), InvalidQuestion (question holds vision special tokens) and
+    Raises EmptyQuestion (blank question), InvalidQuestion (a turn holds vision special tokens) and
     TooManyTokens (prompt longer than max_tokens; checked before the pixels are processed).
     """
-    if not question or not question.strip():
-        raise EmptyQuestion("the question is empty")
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    messages = chat_messages(question, history)
     template = CHAT_TEMPLATE if tokenizer.chat_template is None else None  # checkpoints keeping it elsewhere
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     pad_id, start_id, end_id = (_token_id(tokenizer, tok) for tok in (VIDEO_PAD, VISION_START, VISION_END))
     if ids.count(pad_id) != 1 or ids.count(start_id) != 1 or ids.count(end_id) != 1:
-        raise InvalidQuestion("the question must not contain the special tokens <|vision_start|>, "
+        raise InvalidQuestion("the conversation must not contain the special tokens <|vision_start|>, "
                               "<|video_pad|> or <|vision_end|>")
 
     visual_tokens = visual_token_count(video.frames.shape, spec)

@@ -180,6 +180,16 @@ def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_vid
     assert fits.n_context + fits.n_query <= SMALL_LIMITS.max_prompt_tokens
 
 
+def test_follow_up_carries_the_conversation(random_pool, example_video):
+    """A follow-up request holds the earlier turns in its query; the context (the video) is unchanged."""
+    first = _answer(random_pool, _request(example_video))
+    follow_up = _answer(random_pool, _request(example_video, question="And its shape?",
+                                              history=(("What color was the shape?", first.answer),)))  # fmt: skip
+    assert follow_up.n_context == first.n_context and follow_up.n_query > first.n_query
+    with pytest.raises(InputError, match="history"):
+        random_pool.submit(_request(example_video, history=(("only a question",),)))
+
+
 def _predicted_attn_pairs(request: Request, result: Result, model_dir) -> list[float]:
     """Per-rank attention pairs of the request's prefill, from the strategy's own plan: its prefill rerun on
     random q/k/v of the model's head shapes, one layer, times the number of layers."""
@@ -217,6 +227,7 @@ def test_metrics_add_up(random_pool, example_video, tiny_dir, strategy, world_si
         assert t["attention"] + t["other_layers"] <= span["prefill"] + eps and t["decode"] <= span["decode"] + eps
         assert t.get("comm_wait", 0) <= span["vision"] + span["prefill"] + eps
         assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
+    assert 0 < result.first_token_s <= result.wall_s  # seen by the client: submit -> first token -> last token
     first = [m.spans[0] for m in result.ranks]
     assert all(s.start >= first[0].end for s in first[1:])  # one time axis: other ranks start after rank 0's read
     assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result, tiny_dir)

@@ -11,13 +11,7 @@ import pytest
 import torch
 
 from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
-from apbv.inputs import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ProcessorSpec,
-    patchify,
-    prepare_inputs,
-)
+from apbv.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, build_prompt, patchify, prepare_inputs
 from apbv.synthetic import write_mp4
 from apbv.video import SampledVideo, estimate_visual_tokens, read_video
 
@@ -208,3 +202,25 @@ def test_tokenizer_without_chat_template_gets_qwen_template(tokenizer):
     video = sampled(random_frames(2, 28, 56))
     expected = prepare_inputs(tokenizer, video, QUESTION, SPEC).input_ids
     assert torch.equal(prepare_inputs(bare, video, QUESTION, SPEC).input_ids, expected)
+
+
+def test_earlier_turns_come_between_the_video_and_the_question(tokenizer):
+    """A follow-up question: the video opens the first user turn, earlier answers are assistant turns, and the
+    context (up to <|vision_end|>) is the same as for the first question."""
+    video = sampled(random_frames(4, 56, 56))  # 2 temporal patches of 2x2 merged tokens
+    history = (("What color?", "red"), ("Which shape?", "a circle"))
+    first = build_prompt(tokenizer, video, "What color?", SPEC)
+    follow_up = build_prompt(tokenizer, video, "How many?", SPEC, history=history)
+    pads = "<|video_pad|>" * follow_up.visual_tokens
+    assert tokenizer.decode(follow_up.input_ids) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|>{pads}<|vision_end|>What color?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\nWhich shape?<|im_end|>\n<|im_start|>assistant\na circle<|im_end|>\n"
+        "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert follow_up.n_context == first.n_context
+    assert torch.equal(follow_up.input_ids[: first.n_context], first.input_ids[: first.n_context])
+    with pytest.raises(EmptyQuestion):
+        build_prompt(tokenizer, video, "How many?", SPEC, history=(("  ", "red"),))
+    with pytest.raises(InvalidQuestion):
+        build_prompt(tokenizer, video, "How many?", SPEC, history=(("What?", "<|vision_end|>"),))

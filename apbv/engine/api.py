@@ -24,6 +24,8 @@ class Request:
     anchor_ratio / passing_ratio: APB-V/APB parameters (None: the paper's defaults).
     allow_fewer_ranks: run on fewer ranks when the video has too few temporal patches for world_size (instead of
     failing with TooFewFrames).
+    history: earlier (question, answer) turns of the conversation about this video, oldest first; the model sees
+    them before `question` (the chat template's earlier turns).
     """
 
     video_path: str
@@ -40,11 +42,15 @@ class Request:
     anchor_ratio: float | None = None
     passing_ratio: float | None = None
     allow_fewer_ranks: bool = False
+    history: tuple[tuple[str, str], ...] = ()
 
     def check(self, engine_world_size: int, limits: Limits) -> int:
         """Reject a request bad on its face (InputError subclasses); returns the ranks it runs on."""
         if not self.question or not self.question.strip():
             raise EmptyQuestion("the question is empty")
+        if not all(isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+                   for turn in self.history):  # fmt: skip
+            raise InputError("history must be a sequence of (question, answer) pairs of strings")
         entry = STRATEGIES.get(self.strategy)
         if entry is None:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -84,6 +90,7 @@ class Result:
     n_query: int
     wall_s: float  # submit -> last token, as seen by the client
     ranks: list[RankMetrics] = field(default_factory=list)
+    first_token_s: float | None = None  # submit -> first token, as seen by the client (None: no token)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -109,7 +109,7 @@ def prepare_job(
             max_frames=limits.max_frames,
             **spec.read_video_pixels(request.max_pixels),
         )
-        prompt = build_prompt(tokenizer, video, request.question, spec, max_tokens=limits.max_prompt_tokens)
+        prompt = build_prompt(tokenizer, video, request.question, spec, limits.max_prompt_tokens, request.history)
     if request.allow_fewer_ranks:
         world_size = min(world_size, int(prompt.video_grid_thw[0, 0]))
     sampling = SamplingParams(

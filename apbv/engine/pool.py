@@ -57,13 +57,17 @@ class RequestHandle:
         self.request = request
         self.submitted = time.monotonic()
         self._events: queue.Queue[Event] = queue.Queue()
+        self._first_token_s: float | None = None
         self.done = threading.Event()
 
     def _put(self, event: Event) -> None:
         if self.done.is_set():
             return
+        if event.kind == "token" and self._first_token_s is None:
+            self._first_token_s = time.monotonic() - self.submitted
         if event.kind == "result":
-            event = Event("result", {**event.data, "wall_s": time.monotonic() - self.submitted})
+            timing = {"wall_s": time.monotonic() - self.submitted, "first_token_s": self._first_token_s}
+            event = Event("result", {**event.data, **timing})
         self._events.put(event)
         if event.kind in TERMINAL:
             self.done.set()
