@@ -24,6 +24,7 @@ from apbv.engine.job import attention_config
 from apbv.engine.pool import EnginePool
 from apbv.errors import (
     Busy,
+    EngineError,
     EmptyQuestion,
     InputError,
     TooFewFrames,
@@ -180,6 +181,34 @@ def test_oversize_request_is_rejected_by_the_token_limit(small_pool, example_vid
     assert fits.n_context + fits.n_query <= SMALL_LIMITS.max_prompt_tokens
 
 
+def test_pool_started_without_waiting_queues_requests_until_ready(tiny_dir, example_video):
+    """start(wait=False) returns at once; a request submitted while the ranks start waits and is answered."""
+    pool = EnginePool(model=str(tiny_dir), world_size=2, device="cpu")
+    try:
+        pool.start(wait=False)
+        assert pool.health()["state"] == "starting"
+        handle = pool.submit(_request(example_video))
+        assert next(handle.events(timeout=WAIT_S)).data == {"position": 1}  # behind the engine's start
+        assert handle.result(timeout=WAIT_S).token_ids and pool.health()["state"] == "ready"
+        assert next(pool.submit(_request(example_video)).events(timeout=WAIT_S)).data == {"position": 0}
+    finally:
+        pool.close()
+
+
+def test_pool_that_cannot_start_fails_its_requests(tmp_path, example_video):
+    pool = EnginePool(model=str(tmp_path / "no-such-model"), world_size=1, device="cpu")
+    try:
+        pool.start(wait=False)
+        handle = pool.submit(_request(example_video, world_size=1))
+        with pytest.raises(EngineError):
+            handle.result(timeout=WAIT_S)
+        assert pool.health()["state"] == "failed"
+        with pytest.raises(EngineError, match="did not start"):
+            pool.submit(_request(example_video, world_size=1))
+    finally:
+        pool.close()
+
+
 def test_follow_up_carries_the_conversation(random_pool, example_video):
     """A follow-up request holds the earlier turns in its query; the context (the video) is unchanged."""
     first = _answer(random_pool, _request(example_video))
@@ -228,6 +257,10 @@ def test_metrics_add_up(random_pool, example_video, tiny_dir, strategy, world_si
         assert t.get("comm_wait", 0) <= span["vision"] + span["prefill"] + eps
         assert (m.counters.get("bytes_sent", 0) > 0) == (world_size > 1) and m.counters["attn_flops"] > 0
     assert 0 < result.first_token_s <= result.wall_s  # seen by the client: submit -> first token -> last token
+    summary = result.summary()
+    assert summary["prefill_s"] == max(sum(s.end - s.start for s in m.spans if s.name == "prefill") for m in result.ranks)
+    assert summary["decode_tokens_per_s"] == pytest.approx((len(result.token_ids) - 1) / summary["decode_s"])
+    assert (summary["strategy"], summary["world_size"], summary["new_tokens"]) == (strategy, world_size, 6)
     first = [m.spans[0] for m in result.ranks]
     assert all(s.start >= first[0].end for s in first[1:])  # one time axis: other ranks start after rank 0's read
     assert [m.counters["attn_pairs"] for m in result.ranks] == _predicted_attn_pairs(request, result, tiny_dir)

@@ -25,7 +25,8 @@ def test_error_text_shows_hint_and_engine_message():
 def test_progress_marks_done_running_and_pending_stages():
     text = progress_text(RunState(stages=("read", "vision", "prefill")))
     assert text == "✓ read → ✓ vision → ⏳ **prefill** → ○ decode"
-    assert "position 3" in progress_text(RunState(position=3))
+    assert "3 request(s) ahead" in progress_text(RunState(position=3))
+    assert "Queued" not in progress_text(RunState(position=0))  # nothing ahead: starting, not queued
     assert ERROR_HINTS["worker_died"] in progress_text(RunState(error_code="worker_died", finished=True))
 
 

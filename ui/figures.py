@@ -51,8 +51,7 @@ def rank_label(m: RankMetrics) -> str:
 
 def stage_ms(result: Result, stage: str) -> float:
     """Latency of a timeline stage in ms: the slowest rank's summed span durations (0 when never recorded)."""
-    per_rank = [sum(s.end - s.start for s in m.spans if s.name == stage) for m in result.ranks]
-    return 1e3 * max(per_rank, default=0.0)
+    return 1e3 * result.stage_s(stage)
 
 
 def stage_time_figure(ranks: Sequence[RankMetrics]) -> go.Figure:

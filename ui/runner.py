@@ -27,7 +27,7 @@ class Pool(Protocol):
 class RunState:
     """Where a request stands: queue position, stages reached, answer so far, and how it ended."""
 
-    position: int | None = None
+    position: int | None = None  # requests ahead of this one in the engine queue, until it starts
     stages: tuple[str, ...] = ()  # stages started, in order; the last one is running until the request ends
     answer: str = ""
     result: Result | None = None

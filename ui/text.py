@@ -45,8 +45,8 @@ def progress_text(state: RunState) -> str:
         return error_text(state.error_code, state.error_message)
     if state.result is not None:
         return result_summary(state.result)
-    if state.position is not None:
-        return f"⏳ Queued — position {state.position} in the engine queue"
+    if state.position:
+        return f"⏳ Queued — {state.position} request(s) ahead in the engine queue"
     marks = []
     for name in STAGES:
         if name not in state.stages:

@@ -92,6 +92,27 @@ class Result:
     ranks: list[RankMetrics] = field(default_factory=list)
     first_token_s: float | None = None  # submit -> first token, as seen by the client (None: no token)
 
+    def stage_s(self, stage: str) -> float:
+        """Seconds of a timeline stage ("read", "vision", "prefill", "decode"): the slowest rank's summed spans of
+        that name (0 when no rank recorded it)."""
+        return max((sum(s.end - s.start for s in m.spans if s.name == stage) for m in self.ranks), default=0.0)
+
+    def summary(self) -> dict:
+        """The numbers a user reads first: what ran, time to the first token and to the end (as the client saw
+        them), the stages of the slowest rank, and the decode rate (tokens after the first per decode second)."""
+        decode, tokens = self.stage_s("decode"), len(self.token_ids)
+        return {
+            "strategy": self.strategy,
+            "world_size": self.world_size,
+            "visual_tokens": self.visual_tokens,
+            "prompt_tokens": self.n_context + self.n_query,
+            "new_tokens": tokens,
+            "time_to_first_token_s": self.first_token_s,
+            "wall_s": self.wall_s,
+            **{f"{stage}_s": self.stage_s(stage) for stage in ("read", "vision", "prefill", "decode")},
+            "decode_tokens_per_s": (tokens - 1) / decode if tokens > 1 and decode > 0 else None,
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -137,15 +137,23 @@ class EnginePool:
         self._thread: threading.Thread | None = None
         self.restarts = 0
         self.info: EngineInfo | None = None
+        self.state = "starting"  # starting -> ready <-> restarting; failed: the first start did not succeed
+        self.start_error: str | None = None
+        self._running: RequestHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "EnginePool":
-        """Start the ranks (or connect to them) and the engine thread; returns self."""
-        try:
-            self._spawn()
-        except BaseException:
-            self._shutdown_workers()
-            raise
+    def start(self, wait: bool = True) -> "EnginePool":
+        """Start the ranks (or connect to them) and the engine thread; returns self.
+
+        wait=False returns at once: the ranks start in the engine thread (`health()["state"]` says "starting"
+        until they are ready), requests submitted meanwhile wait in the queue, and a failed start fails them."""
+        if wait:
+            try:
+                self._spawn()
+            except BaseException:
+                self._shutdown_workers()
+                raise
+            self.state = "ready"
         self._thread = threading.Thread(target=self._serve, name="apbv-engine", daemon=True)
         self._thread.start()
         return self
@@ -178,7 +186,9 @@ class EnginePool:
         """Queue a request; raises Busy at once when the queue is full, InputError for requests bad on their face."""
         self._validate(request)
         handle = RequestHandle(f"req-{next(self._ids)}", request)
-        handle._put(Event("queued", {"position": self._queue.qsize() + 1}))  # first, before the engine sees it
+        running = self._running
+        ahead = self._queue.qsize() + (self.state != "ready" or (running is not None and not running.done.is_set()))
+        handle._put(Event("queued", {"position": ahead}))  # first, before the engine sees it
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
@@ -191,20 +201,23 @@ class EnginePool:
             self._cancel.add(request_id)
 
     def health(self) -> dict:
-        """Liveness, size, queue length, restarts, worker pids (empty when attached), and what the page needs to
-        estimate a request: the model's per-frame pixel bounds for `read_video` and the prompt-token limit."""
+        """Liveness, state ("starting", "ready", "restarting" or "failed"), size, queue length, restarts, worker pids
+        (empty when attached), and what the page needs to estimate a request: the model's per-frame pixel bounds for
+        `read_video` and the prompt-token limit."""
         if self.attach:
             alive = self._conn is not None and not self._conn.closed
         else:
             alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
         info = self.info
-        return {"alive": alive, "world_size": self.world_size, "device": self.device,
+        return {"alive": alive, "state": self.state, "world_size": self.world_size, "device": self.device,
                 "model": info.model if info else self.model or "embedded", "queued": self._queue.qsize(),
                 "restarts": self.restarts, "pids": [p.pid for p in self._procs],
                 "video_pixels": dict(info.video_pixels) if info else {},
                 "max_prompt_tokens": self.limits.max_prompt_tokens}
 
     def _validate(self, request: Request) -> None:
+        if self.state == "failed":
+            raise EngineError(f"the engine did not start: {self.start_error}")
         request.check(self.world_size, self.limits)
         if not os.path.isfile(request.video_path):
             raise VideoNotFound(f"no such video file: {request.video_path}")
@@ -286,6 +299,7 @@ class EnginePool:
         self._procs = []
 
     def _restart(self) -> None:
+        self.state = "restarting"
         for proc in self._procs:
             proc.kill()
         for proc in self._procs:
@@ -297,14 +311,18 @@ class EnginePool:
             self._conn = None
         self.restarts += 1
         self._spawn()
+        self.state = "ready"
 
     # ---- the engine thread -----------------------------------------------------------------------------------
     def _serve(self) -> None:
+        if self.state == "starting" and not self._first_start():
+            return
         while not self._closing.is_set():
             try:
                 handle = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self._running = handle
             try:
                 if handle.request_id in self._cancel:
                     handle._put(Event("cancelled", {}))
@@ -316,8 +334,23 @@ class EnginePool:
                 handle._put(Event("error", {"code": err.code, "message": str(err)}))
                 self._recover()
             finally:
+                self._running = None
                 with self._lock:
                     self._cancel.discard(handle.request_id)
+
+    def _first_start(self) -> bool:
+        """The engine thread's start of the ranks (start(wait=False)); on failure every request, queued now or
+        submitted later, fails with the reason. Returns whether the ranks are ready."""
+        try:
+            self._spawn()
+        except Exception as err:  # noqa: BLE001  (a model that does not load, a worker that dies at start)
+            self._shutdown_workers()
+            self.start_error = str(err)
+            self.state = "failed"
+            self._fail_queued(err if isinstance(err, ApbvError) else EngineError(f"the engine did not start: {err}"))
+            return False
+        self.state = "ready"
+        return True
 
     def _recover(self) -> None:
         """Restart every rank after a failure; retries until it works or the pool closes. Requests queued
