@@ -24,8 +24,8 @@ from apbv.engine.job import attention_config
 from apbv.engine.pool import EnginePool
 from apbv.errors import (
     Busy,
-    EngineError,
     EmptyQuestion,
+    EngineError,
     InputError,
     TooFewFrames,
     TooManyTokens,
