@@ -14,6 +14,8 @@ from apbv.config import Limits
 from apbv.errors import EmptyQuestion, InputError
 from apbv.metrics import RankMetrics
 
+REQUEST_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)  # what Request.strategy may name
+
 
 @dataclass(frozen=True)
 class Request:
@@ -51,9 +53,9 @@ class Request:
         if not all(isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
                    for turn in self.history):  # fmt: skip
             raise InputError("history must be a sequence of (question, answer) pairs of strings")
-        entry = STRATEGIES.get(self.strategy)
-        if entry is None:
-            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy not in REQUEST_STRATEGIES:
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(REQUEST_STRATEGIES)}")
+        entry = STRATEGIES[self.strategy]
         w = self.world_size or engine_world_size
         if not 1 <= w <= engine_world_size:
             raise InputError(f"world_size {w} is outside 1..{engine_world_size} (ranks in this engine)")
