@@ -145,6 +145,15 @@ class Comm:
             self._all_reduce_max(tensor)
         return tensor
 
+    def broadcast(self, tensor: Tensor, src: int = 0, metrics: MetricsRecorder = _NULL) -> Tensor:
+        """Rank `src`'s `tensor` on every rank, in place (every rank passes a tensor of the same shape)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        sender = self.rank == src
+        metrics.add("bytes_sent" if sender else "bytes_recv", nbytes * (self.world_size - 1) if sender else nbytes)
+        with metrics.timed(COMM_WAIT):
+            self._broadcast(tensor, src)
+        return tensor
+
     # ---- primitives (overridden by other transports) ------------------------------------------------------
 
     def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
@@ -160,6 +169,9 @@ class Comm:
 
     def _all_reduce_max(self, tensor: Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+
+    def _broadcast(self, tensor: Tensor, src: int) -> None:
+        dist.broadcast(tensor, group=self.group, group_src=src)
 
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
         return dist.isend(tensor, group=self.group, group_dst=dst).wait
@@ -188,6 +200,9 @@ class SingleRankComm(Comm):
         return lambda: [tensor]
 
     def _all_reduce_max(self, tensor: Tensor) -> None:
+        pass
+
+    def _broadcast(self, tensor: Tensor, src: int) -> None:
         pass
 
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -52,21 +53,24 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )  # fmt: skip
 
-# Checkpoint files read by ProcessorSpec.from_pretrained, first found wins.
+# Checkpoint files ProcessorSpec.from_pretrained reads, first found wins: transformers 5 keeps the video processor in
+# processor_config.json ("video_processor"), earlier versions in video_preprocessor_config.json.
+PROCESSOR_CONFIG_FILE = "processor_config.json"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
-_CONFIG_FILES = (VIDEO_CONFIG_FILE, "preprocessor_config.json")
+IMAGE_CONFIG_FILE = "preprocessor_config.json"
+# This project's key in video_preprocessor_config.json: the per-frame bounds to read videos at (what a user would pass
+# to qwen-vl-utils as the message's min_pixels / max_pixels). Only the embedded model has it.
+READ_PIXELS_KEY = "apbv_read_pixels"
 
 
 @dataclass(frozen=True)
 class ProcessorSpec:
-    """The video processor's parameters. min/max_pixels: the checkpoint processor's per-frame bounds (default: the
-    video processor's); frames inside them are left unchanged by the official processor, so `patchify`, which never
-    resizes, matches it there. (Real checkpoints store their image bounds, 3136 .. 12845056; `read_video`'s
-    defaults are qwen-vl-utils' video bounds, as the reference harnesses use.)
+    """The checkpoint's video processor. min/max_pixels: its per-frame resize bounds (size.shortest/longest_edge):
+    frames qwen-vl-utils sized within them pass unchanged, others the processor resizes again (`plan_video`'s
+    processor_bounds).
 
-    video_min/max_pixels: the per-frame bounds a checkpoint was trained at, read only from the explicit
-    `min_pixels` / `max_pixels` keys of its video_preprocessor_config.json; None otherwise, so that real
-    checkpoints keep qwen-vl-utils' video defaults when videos are read (`read_video_pixels`)."""
+    read_pixels: the bounds to read videos at instead of qwen-vl-utils' defaults, from READ_PIXELS_KEY; empty for
+    real checkpoints, which get qwen-vl-utils' defaults exactly as the official pipeline gives them."""
 
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -76,20 +80,18 @@ class ProcessorSpec:
     rescale_factor: float = 1 / 255
     min_pixels: int = VIDEO_MIN_PIXELS
     max_pixels: int = VIDEO_MAX_PIXELS
-    video_min_pixels: int | None = None
-    video_max_pixels: int | None = None
+    read_pixels: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ProcessorSpec:
-        """Read a checkpoint's video_preprocessor_config.json or preprocessor_config.json; defaults if neither."""
-        for name in _CONFIG_FILES:
-            file = Path(path) / name
-            if file.is_file():
-                cfg = json.loads(file.read_text())
-                spec = cls.from_dict(cfg)
-                if name == VIDEO_CONFIG_FILE:
-                    spec = replace(spec, video_min_pixels=cfg.get("min_pixels"), video_max_pixels=cfg.get("max_pixels"))
-                return spec
+        """The video processor of a checkpoint directory (defaults where it has none)."""
+        root = Path(path)
+        processor = root / PROCESSOR_CONFIG_FILE
+        if processor.is_file() and "video_processor" in (nested := json.loads(processor.read_text())):
+            return cls.from_dict(nested["video_processor"])
+        for name in (VIDEO_CONFIG_FILE, IMAGE_CONFIG_FILE):
+            if (root / name).is_file():
+                return cls.from_dict(json.loads((root / name).read_text()))
         return cls()
 
     @classmethod
@@ -101,12 +103,13 @@ class ProcessorSpec:
             "max_pixels": cfg.get("max_pixels", size.get("longest_edge")),
             **{k: cfg.get(k) for k in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor")},
             **{k: tuple(cfg[k]) for k in ("image_mean", "image_std") if k in cfg},
+            "read_pixels": tuple(sorted(cfg.get(READ_PIXELS_KEY, {}).items())) or None,
         }
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     def to_dict(self) -> dict:
         """preprocessor_config.json contents that both this class and transformers' Qwen2-VL processors read."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("video_min_pixels", "video_max_pixels")}
+        fields = {k: v for k, v in asdict(self).items() if k != "read_pixels"}
         return {
             **fields,
             "image_processor_type": "Qwen2VLImageProcessor",
@@ -119,25 +122,32 @@ class ProcessorSpec:
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write preprocessor_config.json into a checkpoint directory; returns the file."""
-        file = Path(path) / "preprocessor_config.json"
+        file = Path(path) / IMAGE_CONFIG_FILE
         file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return file
 
     def save_video_config(self, path: str | Path, min_pixels: int, max_pixels: int) -> Path:
-        """Write video_preprocessor_config.json: this spec with the per-frame video bounds the model expects."""
-        cfg = {**replace(self, min_pixels=min_pixels, max_pixels=max_pixels).to_dict(),
-               "video_processor_type": "Qwen2VLVideoProcessor"}  # fmt: skip
+        """Write video_preprocessor_config.json: this spec with the per-frame video bounds the model expects, both
+        as the processor's bounds and as the bounds to read videos at (READ_PIXELS_KEY)."""
+        bounds = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        cfg = {**replace(self, **bounds).to_dict(), "video_processor_type": "Qwen2VLVideoProcessor",
+               READ_PIXELS_KEY: bounds}  # fmt: skip
         file = Path(path) / VIDEO_CONFIG_FILE
         file.write_text(json.dumps(cfg, indent=2) + "\n")
         return file
 
     def read_video_pixels(self, max_pixels: int | None = None) -> dict[str, int]:
-        """Pixel keyword arguments for `apbv.video.read_video`: the checkpoint's video bounds where it has them,
-        a request's max_pixels over them; empty means read_video's (qwen-vl-utils') defaults."""
-        pixels = {"min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels}
+        """Pixel keyword arguments for `apbv.video.plan_video`: the checkpoint's read bounds where it has them, a
+        request's max_pixels over them; empty means qwen-vl-utils' defaults."""
+        pixels = dict(self.read_pixels)
         if max_pixels:
             pixels["max_pixels"] = max_pixels
-        return {k: v for k, v in pixels.items() if v is not None}
+        return pixels
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels): the processor's own per-frame resize bounds."""
+        return self.min_pixels, self.max_pixels
 
     @property
     def factor(self) -> int:
@@ -176,23 +186,25 @@ class PreparedInputs(Prompt):
         }
 
 
-def patchify(frames: np.ndarray, spec: ProcessorSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames (T, H, W, 3) uint8, sides multiples of spec.factor -> (pixel_values_videos, video_grid_thw).
+def patchify(frames: np.ndarray | torch.Tensor, spec: ProcessorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames (T, H, W, 3) uint8, sides multiples of spec.factor -> (pixel_values_videos float32, video_grid_thw),
+    computed on the frames' device (a GPU rank patchifies on its GPU).
 
     Mirrors Qwen2VLVideoProcessor: odd T is padded by repeating the last frame; rows are ordered
     (t, h-block, w-block, h-in-block, w-in-block) with merge_size-sized blocks, columns (channel, time, y, x).
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    t, height, width, channels = frames.shape
+    video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {tuple(video.shape)} {video.dtype}")
+    t, height, width, channels = video.shape
     if height % spec.factor or width % spec.factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of {spec.factor}; resize with apbv.video")
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    video = video.permute(0, 3, 1, 2)
     if pad := -t % spec.temporal_patch_size:
         video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
     # rescale and normalize fused, in float32, as transformers' torch backend does
-    mean = torch.tensor(spec.image_mean) * (1.0 / spec.rescale_factor)
-    std = torch.tensor(spec.image_std) * (1.0 / spec.rescale_factor)
+    mean = torch.tensor(spec.image_mean, device=video.device) * (1.0 / spec.rescale_factor)
+    std = torch.tensor(spec.image_std, device=video.device) * (1.0 / spec.rescale_factor)
     video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
 
     p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
@@ -233,8 +245,17 @@ def video_shard(local_frames: np.ndarray, shards: Sequence[range], spec: Process
     return VideoShard(pixels, grid, tuple(len(r) * per_patch for r in shards))
 
 
+class VideoLayout(Protocol):
+    """What the prompt needs of a video: how many frames, their size (height, width), and their rate. Both frames
+    already read (`SampledVideo`) and a plan of frames still to read (`VideoPlan`) have it."""
+
+    num_frames: int
+    size: tuple[int, int]
+    sample_fps: float
+
+
 def video_grid(frames_shape: tuple[int, ...], spec: ProcessorSpec) -> torch.Tensor:
-    """video_grid_thw (1, 3) in patches for frames of shape (T, H, W, 3), as `patchify` returns it."""
+    """video_grid_thw (1, 3) in patches for frames of shape (T, H, W[, 3]), as `patchify` returns it."""
     t, height, width = frames_shape[:3]
     grid_t = -(-t // spec.temporal_patch_size)
     return torch.tensor([[grid_t, height // spec.patch_size, width // spec.patch_size]], dtype=torch.int64)
@@ -276,7 +297,7 @@ def chat_messages(question: str, history: Sequence[tuple[str, str]] = ()) -> lis
 
 def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
-    video: SampledVideo,
+    video: VideoLayout,
     question: str,
     spec: ProcessorSpec,
     max_tokens: int | None = None,
@@ -298,7 +319,8 @@ def build_prompt(
         raise InvalidQuestion("the conversation must not contain the special tokens <|vision_start|>, "
                               "<|video_pad|> or <|vision_end|>")
 
-    visual_tokens = visual_token_count(video.frames.shape, spec)
+    shape = (video.num_frames, *video.size)
+    visual_tokens = visual_token_count(shape, spec)
     length = len(ids) - 1 + visual_tokens
     if max_tokens is not None and length > max_tokens:
         raise TooManyTokens(
@@ -312,7 +334,7 @@ def build_prompt(
         input_ids=input_ids,
         n_context=n_context,
         n_query=length - n_context,
-        video_grid_thw=video_grid(video.frames.shape, spec),
+        video_grid_thw=video_grid(shape, spec),
         second_per_grid_ts=torch.tensor([spec.temporal_patch_size / video.sample_fps], dtype=torch.float32),
         mm_token_type_ids=((input_ids == pad_id) * VIDEO_TOKEN_TYPE).to(torch.int32),
         visual_tokens=visual_tokens,

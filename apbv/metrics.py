@@ -22,7 +22,8 @@ COMM_WAIT = "comm_wait"  # compute stream blocked on a collective / p2p transfer
 VISION = "vision"
 OTHER_LAYERS = "other_layers"  # projections, norms, MLP, lm_head during prefill
 DECODE = "decode"
-READ = "read"
+READ = "read"  # rank 0 probing and planning the video; every rank waiting for its decoded frames
+PREPROCESS = "preprocess"  # resize, normalise and patchify the frames on the rank's device
 
 
 def balance(values: Sequence[float]) -> float:

@@ -97,7 +97,7 @@ def ask(
     prompt = build_prompt(loaded.tokenizer, video, question, spec)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids)
     world_size = ranks_for(config.strategy, world_size)
-    header = build_header("qa", prompt, video.frames.shape, world_size, config, sampling, spec)
+    header = build_header("qa", prompt, video.num_frames, world_size, config, sampling, spec)
     recorder = _Recorder(prompt.input_ids.numel())
     strategy = _RecordingStrategy(get_strategy(config), recorder) if record_layers else None
 
@@ -105,7 +105,7 @@ def ask(
         view = _FirstLogits(model)
         frames = shard_frames(video.frames, header.patch_ranges[rank], spec)
         metrics = MetricsRecorder(rank, comm.device)
-        ids = list(run_job(header, frames, view, spec, comm, metrics, lambda: False, strategy))
+        ids = list(run_job(header, view, spec, comm, metrics, lambda: False, frames=frames, strategy=strategy))
         return ids, view.first, metrics.counters.get("attn_pairs", 0.0)
 
     with ThreadWorld(world_size, loaded.rank_model.device) as world:

@@ -170,6 +170,14 @@ class ThreadComm(Comm):
         box = self._take(key, self.world_size, consume=False)
         tensor.copy_(torch.stack([box[r] for r in range(self.world_size)]).amax(dim=0))
 
+    def _broadcast(self, tensor: Tensor, src: int) -> None:
+        key = self._key("broadcast")
+        if self.rank == src:
+            self._post(key, tensor)
+        box = self._take(key, 1, consume=False)
+        if self.rank != src:
+            tensor.copy_(box[src])
+
     def _isend(self, tensor: Tensor, dst: int) -> Callable[[], object]:
         self._post(self._key("p2p", self.rank, dst), tensor)
         return lambda: None

@@ -77,3 +77,26 @@ def _top(raw: Tensor, count: int, pool: int, offset: int) -> list[int]:
     pooled = [max(raw[max(0, t - half) : t + half + 1].tolist()) for t in range(raw.numel())]
     order = sorted(range(len(pooled)), key=lambda t: (-pooled[t], t))
     return [offset + t for t in order[:count]]
+
+
+def antialiased_bicubic(frames, size: tuple[int, int]):
+    """Float64 antialiased bicubic resize of (T, H, W, 3) frames to `size`, as torchvision computes it (Keys cubic
+    with a = -0.5, its support widened by the scale when shrinking, weights normalised, separable): the reference
+    for qwen-vl-utils' resize. Returns float64 (T, h, w, 3), unrounded."""
+    import numpy as np
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        support, stretch = (2 * scale, 1 / scale) if scale >= 1 else (2.0, 1.0)
+        out = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+            x = np.abs((np.arange(lo, hi) - center + 0.5) * stretch)
+            w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+            out[i, lo:hi] = w / w.sum()
+        return out
+
+    x = np.asarray(frames, dtype=np.float64)
+    rows, cols = weights(x.shape[1], size[0]), weights(x.shape[2], size[1])
+    return np.einsum("oh,thwc->towc", rows, np.einsum("pw,thwc->thpc", cols, x))

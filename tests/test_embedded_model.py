@@ -13,7 +13,6 @@ from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.engine.job import prepare_job, run_job
-from apbv.inputs import shard_frames
 from apbv.metrics import MetricsRecorder
 from apbv.model.loading import EMBEDDED_MODEL, default_model_path, load_model
 from apbv.synthetic import FRAME_SIZE, held_out, write_mp4
@@ -36,7 +35,7 @@ def test_embedded_model_is_the_default_and_small():
     assert default_model_path() == EMBEDDED_MODEL
     assert sum(f.stat().st_size for f in EMBEDDED_MODEL.iterdir()) < 8 << 20
     loaded = load_model(None, torch.device("cpu"))
-    assert loaded.spec.video_max_pixels == FRAME_SIZE[0] * FRAME_SIZE[1]
+    assert dict(loaded.spec.read_pixels)["max_pixels"] == FRAME_SIZE[0] * FRAME_SIZE[1]
     assert loaded.rank_model.config.text_config.num_hidden_layers >= 2
 
 
@@ -46,12 +45,10 @@ def _answer(rank: int, world_size: int, video: str, question: str, strategy: str
     loaded = load_model(None, torch.device("cpu"))
     request = Request(video, question, strategy=strategy, world_size=world_size, num_frames=FRAMES, max_new_tokens=8)
     metrics = MetricsRecorder(rank, torch.device("cpu"))
-    header, frames = prepare_job("t", request, world_size, loaded.tokenizer, loaded.spec, Limits(), loaded.stop_ids,
-                                 metrics)  # fmt: skip
-    assert header.frames_shape == (FRAMES, *FRAME_SIZE, 3)  # read at the model's size, not upsampled to 336x336
-    local = shard_frames(frames, header.patch_ranges[rank], loaded.spec)
+    header = prepare_job("t", request, world_size, loaded.tokenizer, loaded.spec, Limits(), loaded.stop_ids, metrics)
+    assert header.video.size == FRAME_SIZE  # read at the model's size, not upsampled to 336x336
     comm = Comm.single() if world_size == 1 else Comm()
-    ids = list(run_job(header, local, loaded.rank_model, loaded.spec, comm, metrics, lambda: False))
+    ids = list(run_job(header, loaded.rank_model, loaded.spec, comm, metrics, lambda: False))
     return loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from apbv.errors import EmptyQuestion, InvalidQuestion, TooManyTokens
-from apbv.inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorSpec, build_prompt, patchify, prepare_inputs
+from apbv.inputs import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    READ_PIXELS_KEY,
+    ProcessorSpec,
+    build_prompt,
+    patchify,
+    prepare_inputs,
+)
 from apbv.synthetic import write_mp4
 from apbv.video import SampledVideo, estimate_visual_tokens, read_video
 
@@ -93,22 +101,34 @@ def test_processor_spec_round_trip(tmp_path):
     assert ProcessorSpec.from_pretrained(tmp_path) == spec
 
 
-def test_video_pixel_bounds_only_from_video_config(tmp_path):
+def test_read_bounds_only_from_the_projects_key(tmp_path):
+    """A video config that transformers 4.5x wrote (image bounds under min/max_pixels) changes nothing about how
+    videos are read: only this project's key (the embedded model's) does."""
     spec = ProcessorSpec(min_pixels=3136, max_pixels=12845056)
-    spec.save_pretrained(tmp_path)  # image bounds only (real checkpoints): read_video keeps its defaults
+    spec.save_pretrained(tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({**spec.to_dict(), "min_pixels": 3136,
+                                                                        "max_pixels": 12845056}))  # fmt: skip
     assert ProcessorSpec.from_pretrained(tmp_path).read_video_pixels() == {}
     assert ProcessorSpec.from_pretrained(tmp_path).read_video_pixels(max_pixels=5000) == {"max_pixels": 5000}
     spec.save_video_config(tmp_path, min_pixels=3136, max_pixels=112 * 112)
     loaded = ProcessorSpec.from_pretrained(tmp_path)
-    assert (loaded.video_min_pixels, loaded.video_max_pixels) == (3136, 112 * 112)
+    assert loaded.bounds == (3136, 112 * 112)
     assert loaded.read_video_pixels() == {"min_pixels": 3136, "max_pixels": 112 * 112}
     assert loaded.read_video_pixels(max_pixels=5000) == {"min_pixels": 3136, "max_pixels": 5000}  # request wins
-    assert "video_max_pixels" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert READ_PIXELS_KEY not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+
+
+def test_transformers_5_processor_config_is_read_first(tmp_path):
+    """transformers 5 saves one processor_config.json with the video processor nested in it."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor",
+        "video_processor": {"size": {"shortest_edge": 100352, "longest_edge": 602112}, "patch_size": 14}}))  # fmt: skip
+    assert ProcessorSpec.from_pretrained(tmp_path).bounds == (100352, 602112)
 
 
 def test_read_video_at_model_bounds_keeps_small_frames(tmp_path):
     path = write_mp4(np.zeros((4, 112, 112, 3), np.uint8), tmp_path / "small.mp4")
-    spec = ProcessorSpec(video_min_pixels=3136, video_max_pixels=112 * 112)
+    spec = ProcessorSpec(read_pixels=(("max_pixels", 112 * 112), ("min_pixels", 3136)))
     assert read_video(path, num_frames=4, **spec.read_video_pixels()).size == (112, 112)
     assert read_video(path, num_frames=4, **ProcessorSpec().read_video_pixels()).size == (336, 336)  # upsampled
 

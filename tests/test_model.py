@@ -86,7 +86,8 @@ def _generate(model: QwenVLRank, prepared, shard, config, comm, sampling) -> Run
     logits = model.logits
     model.logits = lambda hidden: seen.append(logits(hidden)) or seen[-1]
     try:
-        tokens = list(generate(model, prepared, shard, get_strategy(config), comm, NullRecorder(), sampling))
+        embeds = model.encode_video(shard.pixels, shard.grid_thw, shard.tokens_per_rank, comm, NullRecorder())
+        tokens = list(generate(model, prepared, embeds, get_strategy(config), comm, NullRecorder(), sampling))
     finally:
         del model.logits
     return Run(tokens, torch.stack(seen) if seen else None)

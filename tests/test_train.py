@@ -79,7 +79,7 @@ def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     assert record["steps"] == 3 and record["samples"] == 6 and record["command"].startswith("python -m")
     assert set(record["held_out_accuracy_dense"]["8"]) == {"color"}
     loaded = load_model(str(out), torch.device("cpu"))
-    assert loaded.spec.video_max_pixels == FRAME_SIZE[0] * FRAME_SIZE[1]
+    assert dict(loaded.spec.read_pixels)["max_pixels"] == FRAME_SIZE[0] * FRAME_SIZE[1]
 
     main(["--out", str(out), "--evaluate-only", "--eval-n", "1", "--eval-frames", "6", "--eval-fps", "0.5",
           "--tasks", "color", "word", "--threads", "1"])  # fmt: skip

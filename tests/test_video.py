@@ -1,25 +1,32 @@
-"""apbv.video: sampling, resizing and typed errors, with both readers, on files the tests write."""
+"""apbv.video: qwen-vl-utils' sampling and sizes, the probe, per-rank decoding, the resize, typed errors, on files the
+tests write."""
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from apbv import video as video_mod
-from apbv.errors import NoFrames, VideoNotFound, VideoUnreadable
+from apbv.errors import InputError, NoFrames, VideoNotFound, VideoUnreadable
+from apbv.inputs import ProcessorSpec, shard_frames, temporal_shards
 from apbv.video import (
+    decode_frames,
     estimate_visual_tokens,
     frame_size,
+    plan_video,
     probe_video,
     read_video,
+    resize_frames,
     sample_frame_count,
     smart_resize,
     synthetic_video,
 )
 from tests.conftest import SOURCE_FPS, SOURCE_FRAMES, frame_index, grey_ramp
-
-BACKENDS = ["decord", "pyav"]
+from tests.reference import antialiased_bicubic
 
 
 def test_smart_resize_matches_transformers():
@@ -41,7 +48,8 @@ def test_synthetic_video_token_counts_match_spec(name, merged_grid):
     assert np.array_equal(v.frames[0], v.frames[1])  # odd count padded by repeating the last frame
     assert v.sample_fps == 2.0  # second_per_grid_t = 1
     h, w = (int(x) for x in video_mod.RESOLUTIONS[name])
-    assert estimate_visual_tokens(h, w, 2, max_pixels=16384 * 28 * 28, total_pixels=10**12) == np.prod(merged_grid)
+    pixels = {"max_pixels": 16384 * 28 * 28, "total_pixels": 10**12, "uncapped": True}
+    assert estimate_visual_tokens(h, w, 2, **pixels) == np.prod(merged_grid)
 
 
 def test_synthetic_video_deterministic():
@@ -74,9 +82,8 @@ def test_sample_frame_count_short_video():
         sample_frame_count(40, 8.0, num_frames=4, fps=2.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_read_video_samples_uniformly(videos, backend):
-    v = read_video(videos["ramp"], backend=backend)
+def test_read_video_samples_uniformly(videos):
+    v = read_video(videos["ramp"])
     assert v.frames.dtype == np.uint8 and v.frames.ndim == 4 and v.frames.shape[-1] == 3
     assert v.num_frames == 10
     expected = np.linspace(0, SOURCE_FRAMES - 1, 10).round().astype(int).tolist()
@@ -91,43 +98,104 @@ def test_read_video_samples_uniformly(videos, backend):
     assert h * w >= video_mod.VIDEO_MIN_PIXELS and abs(w / h - 160 / 112) < 0.1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_read_video_counts_and_pixel_bounds(videos, backend):
-    v = read_video(videos["ramp"], num_frames=7, min_pixels=28 * 28, max_pixels=56 * 56 * 4, backend=backend)
+def test_max_pixels_lowers_the_cap_but_never_raises_it_unless_asked():
+    """qwen-vl-utils: a given max_pixels is min()-ed with the per-frame cap (768 * 28 * 28 at most); below min_pixels
+    it refuses. `uncapped` is this project's option to go beyond."""
+    cap = video_mod.VIDEO_MAX_PIXELS
+    assert frame_size(720, 1280, 16, max_pixels=921_600) == frame_size(720, 1280, 16) == smart_resize(720, 1280, 28, video_mod.VIDEO_MIN_PIXELS, cap)
+    assert frame_size(720, 1280, 16, max_pixels=921_600, uncapped=True) == (700, 1260)  # 5,625 tokens, not 3,600
+    assert frame_size(720, 1280, 16, max_pixels=200_000) == smart_resize(720, 1280, 28, video_mod.VIDEO_MIN_PIXELS, 200_000)
+    with pytest.raises(InputError, match="below the minimum"):
+        frame_size(720, 1280, 16, max_pixels=90_000)
+    with pytest.raises(InputError, match="aspect ratio"):
+        frame_size(16, 4000, 16)
+
+
+def test_read_video_counts_and_pixel_bounds(videos):
+    v = read_video(videos["ramp"], num_frames=7, min_pixels=28 * 28, max_pixels=56 * 56 * 4)
     assert v.num_frames == 8 and v.frames.shape[1:3] == (84, 112)  # smart_resize(112, 160) under the cap
-    v = read_video(videos["ramp"], num_frames=3, min_pixels=28 * 28, backend=backend)
+    v = read_video(videos["ramp"], num_frames=3, min_pixels=28 * 28)
     assert v.num_frames == 4 and v.frames.shape[1:3] == (112, 168)
-    v = read_video(videos["ramp"], num_frames=40, min_pixels=28 * 28, total_pixels=28 * 28 * 40, backend=backend)
+    v = read_video(videos["ramp"], num_frames=40, min_pixels=28 * 28, total_pixels=28 * 28 * 40)
     assert v.frames.shape[1] * v.frames.shape[2] <= max(28 * 28 * 40 / 40 * 2, 28 * 28 * 1.05)
 
 
-def test_readers_agree(videos):
-    a = read_video(videos["ramp"], num_frames=12, backend="decord").frames.astype(int)
-    b = read_video(videos["ramp"], num_frames=12, backend="pyav").frames.astype(int)
-    assert a.shape == b.shape and np.abs(a - b).max() <= 2
+def test_processor_bounds_resize_a_second_time(videos):
+    """Frames qwen-vl-utils sized outside the checkpoint processor's bounds are resized again, as transformers'
+    video processor does; within them, once."""
+    plan = plan_video(videos["ramp"], num_frames=4, processor_bounds=(28 * 28, 56 * 56))
+    assert plan.sizes == (frame_size(112, 160, 4), smart_resize(*frame_size(112, 160, 4), 28, 28 * 28, 56 * 56))
+    assert plan_video(videos["ramp"], num_frames=4, processor_bounds=(3136, 12845056)).sizes == (frame_size(112, 160, 4),)
+    assert read_video(videos["ramp"], num_frames=4, processor_bounds=(28 * 28, 56 * 56)).size == plan.size
 
 
-def test_pyav_fallback_without_decord(videos, monkeypatch):
-    monkeypatch.setattr(video_mod, "decord", None)
-    v = read_video(videos["ramp"], num_frames=6)
-    assert [frame_index(f) for f in v.frames] == np.linspace(0, 39, 6).round().astype(int).tolist()
-    with pytest.raises(ValueError, match="decord is not installed"):
-        read_video(videos["ramp"], backend="decord")
+@pytest.mark.parametrize("size", [(336, 476), (56, 84), (140, 84)])
+def test_resize_equals_a_float64_reference_of_torchvision_within_one_level(size):
+    frames = np.random.default_rng(1).integers(0, 256, (3, 112, 160, 3), dtype=np.uint8)
+    expected = np.clip(antialiased_bicubic(frames, size), 0, 255).round()
+    for chunk in (1, 2, None):
+        got = resize_frames(torch.from_numpy(frames), size, chunk=chunk).numpy()
+        assert got.dtype == np.uint8 and got.shape == (3, *size, 3)
+        assert np.abs(got - expected).max() <= 1 and np.mean(got == expected) > 0.99
 
 
-def test_decord_failure_falls_back_to_pyav(videos, monkeypatch):
-    class Broken:
-        def __init__(self, *args):
-            raise RuntimeError("decord cannot open this")
+def _encode(path, frames: np.ndarray, container_kind: str = "mp4", gop: int = 4, pts: list[int] | None = None):
+    """H.264 with a keyframe every `gop` frames; `pts` (in 1/1000 s) for variable frame rates."""
+    with av.open(str(path), "w", format=container_kind if container_kind != "mp4" else None) as container:
+        stream = container.add_stream("libx264", rate=8, options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode())
+    return path
 
-    monkeypatch.setattr(video_mod, "_DecordReader", Broken)
-    assert read_video(videos["ramp"], num_frames=4).num_frames == 4
-    with pytest.raises(VideoUnreadable, match="decord cannot read"):
-        read_video(videos["ramp"], backend="decord")
+
+@pytest.fixture(scope="module")
+def seekable(tmp_path_factory) -> dict:
+    d, ramp = tmp_path_factory.mktemp("seek"), grey_ramp(40, (64, 96))
+    vfr = np.cumsum([0] + [60 + 80 * (i % 3) for i in range(39)]).tolist()
+    return {"cfr": _encode(d / "cfr.mp4", ramp), "vfr": _encode(d / "vfr.mp4", ramp, pts=vfr),
+            "mkv": _encode(d / "count.mkv", ramp, "matroska"), "gop1": _encode(d / "intra.mp4", ramp, gop=1)}  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_container_without_frame_count(tmp_path, backend):
+@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv", "gop1"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kind, world_size):
+    """Per-rank decoding (seek to the keyframe before the rank's first frame) returns the same frames, pixel for
+    pixel, as decoding the whole file once, for constant and variable rates and a header without a frame count."""
+    plan = plan_video(seekable[kind], num_frames=14)
+    single = list(decode_frames(plan.path, plan.info, plan.indices))
+    assert [frame_index(f) for f in single] == list(plan.indices)
+    spec = ProcessorSpec()
+    for patches in temporal_shards(plan.num_frames, world_size, spec):
+        mine = shard_frames(plan.indices, patches, spec)
+        got = list(decode_frames(plan.path, plan.info, mine))
+        expected = single[spec.temporal_patch_size * patches.start : spec.temporal_patch_size * patches.stop]
+        assert len(got) == len(mine) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_variable_frame_rate_is_indexed_by_presentation_order(seekable):
+    info = probe_video(seekable["vfr"])
+    assert info.frame_count == 40 and len(info.frame_pts) == 40 and list(info.frame_pts) == sorted(info.frame_pts)
+    assert info.keyframe_pts and set(info.keyframe_pts) <= set(info.frame_pts)
+    frames = list(decode_frames(seekable["vfr"], info, [0, 13, 13, 39]))
+    assert [frame_index(f) for f in frames] == [0, 13, 13, 39]
+
+
+def test_indices_past_the_stream_repeat_its_last_frame(seekable):
+    info = probe_video(seekable["cfr"])
+    frames = list(decode_frames(seekable["cfr"], info, [38, 39, 45]))
+    assert [frame_index(f) for f in frames] == [38, 39, 39]
+    with pytest.raises(ValueError, match="ascending"):
+        list(decode_frames(seekable["cfr"], info, [3, 1]))
+
+
+def test_container_without_frame_count(tmp_path):
     """Matroska headers carry no frame count: it is counted from the packets."""
     path = tmp_path / "ramp.mkv"
     with av.open(str(path), "w") as container:
@@ -137,7 +205,7 @@ def test_container_without_frame_count(tmp_path, backend):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     assert probe_video(path).frame_count == 12
-    v = read_video(path, num_frames=12, backend=backend)
+    v = read_video(path, num_frames=12)
     assert [frame_index(f) for f in v.frames] == list(range(12))
 
 
@@ -147,7 +215,15 @@ def test_probe_video(videos):
     assert info.duration_s == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_plan_identifies_the_content_not_the_path(videos, tmp_path):
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(videos["ramp"].read_bytes())
+    a, b = plan_video(videos["ramp"], num_frames=4), plan_video(copy, num_frames=4)
+    assert a.content_hash == b.content_hash and a.path != b.path
+    copy.write_bytes(videos["ramp"].read_bytes()[:-1] + b"x")
+    assert plan_video(copy, num_frames=4).content_hash != a.content_hash
+
+
 @pytest.mark.parametrize(
     "kind, error",
     [
@@ -160,9 +236,9 @@ def test_probe_video(videos):
         ("zero_frames_avi", NoFrames),
     ],
 )
-def test_bad_files_raise_typed_one_line_errors(videos, kind, error, backend):
+def test_bad_files_raise_typed_one_line_errors(videos, kind, error):
     with pytest.raises(error) as info:
-        read_video(videos[kind], backend=backend)
+        read_video(videos[kind])
     message = str(info.value)
     assert message and "\n" not in message and len(message) < 300
     assert videos[kind].name in message

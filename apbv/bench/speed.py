@@ -64,7 +64,10 @@ def run_strategy(name: str, rank_model: QwenVLRank, prompt, video_shards, world_
 
     def request(rank, comm):
         metrics = MetricsRecorder(rank, rank_model.device)
-        list(generate(rank_model, prompt, video_shards[rank], strategy, comm, metrics, sampling))
+        shard = video_shards[rank]
+        with metrics.span("vision"):
+            embeds = rank_model.encode_video(shard.pixels, shard.grid_thw, shard.tokens_per_rank, comm, metrics)
+        list(generate(rank_model, prompt, embeds, strategy, comm, metrics, sampling))
         return metrics.finish().to_dict()
 
     busy, records = [], None

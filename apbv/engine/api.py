@@ -22,7 +22,10 @@ class Request:
     """One question about one video.
 
     world_size: ranks to use (1 runs on rank 0 only: the dense single-GPU baseline uses 1).
-    num_frames / fps: frame sampling (num_frames wins when both are given); max_pixels: per-frame pixel budget.
+    num_frames / fps: frame sampling (num_frames wins when both are given; neither: 2 frames per second, as
+    qwen-vl-utils); max_pixels: per-frame pixel budget, which can lower qwen-vl-utils' cap but not raise it unless
+    uncapped_pixels (this project's option, e.g. for speed tests at full resolution; it also skips the checkpoint
+    processor's own bounds).
     anchor_ratio / passing_ratio: APB-V/APB parameters (None: the paper's defaults).
     allow_fewer_ranks: run on fewer ranks when the video has too few temporal patches for world_size (instead of
     failing with TooFewFrames).
@@ -34,9 +37,10 @@ class Request:
     question: str
     strategy: str = "apbv"
     world_size: int | None = None  # None: every rank of the pool
-    num_frames: int | None = 32
+    num_frames: int | None = None
     fps: float | None = None
     max_pixels: int | None = None
+    uncapped_pixels: bool = False
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -113,6 +117,7 @@ class Result:
             "wall_s": self.wall_s,
             **{f"{stage}_s": self.stage_s(stage) for stage in ("read", "vision", "prefill", "decode")},
             "decode_tokens_per_s": (tokens - 1) / decode if tokens > 1 and decode > 0 else None,
+            "video_cached": bool(self.ranks) and all(m.counters.get("video_cache_hit") for m in self.ranks),
         }
 
     def to_dict(self) -> dict:

@@ -1,8 +1,9 @@
 """One request as the ranks execute it.
 
-Rank 0 turns a `Request` into a `JobHeader` (reads and samples the video, builds the prompt, validates it against
-the limits and the strategy's layout) so that bad input is rejected before any other rank is involved. Every rank
-of the request's group then receives its own frames, patchifies them and runs `generate`.
+Rank 0 turns a `Request` into a `JobHeader`: it probes the video and plans which frames to read at what size
+(`apbv.video.plan_video`), builds the prompt and validates it against the limits and the strategy's layout, so that
+bad input is rejected before any other rank is involved. Every rank of the request's group then reads, encodes and
+gathers the video (`video_pipeline.video_embeddings`: its own frames only, or the video cache) and runs `generate`.
 """
 
 from __future__ import annotations
@@ -22,32 +23,35 @@ from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.errors import TooFewFrames
-from apbv.inputs import (
-    ProcessorSpec,
-    Prompt,
-    build_prompt,
-    shard_frames,
-    temporal_shards,
-    video_shard,
-)
+from apbv.inputs import ProcessorSpec, Prompt, build_prompt, temporal_shards
 from apbv.metrics import READ, MetricsRecorder
 from apbv.model.generate import SamplingParams, generate
 from apbv.model.qwen2_5_vl import QwenVLRank
-from apbv.video import read_video
+from apbv.video import VideoPlan, plan_video
+
+from .video_cache import VideoCache
+from .video_pipeline import video_embeddings
 
 
 @dataclass(frozen=True)
 class JobHeader:
-    """Everything every rank needs to run one request (no pixels: frames travel separately per rank)."""
+    """Everything every rank needs to run one request: the prompt, the plan of the frames to read (each rank reads
+    its own), how the temporal patches are split, the strategy and the sampling."""
 
     request_id: str
     world_size: int
     attention: AttentionConfig
     sampling: SamplingParams
     prompt: Prompt
-    frames_shape: tuple[int, int, int, int]  # (T, H, W, 3) of the sampled frames
+    video: VideoPlan | None  # None: the frames come from memory (`run_job`'s frames)
     patch_ranges: tuple[range, ...]  # temporal patches per rank (`temporal_shards`)
     started_s: float = 0.0  # rank 0's request time when it sent the header: where the other ranks' clocks start
+
+    @property
+    def tokens_per_rank(self) -> tuple[int, ...]:
+        """Merged visual tokens each rank encodes (the sizes of the embeddings' all-gather)."""
+        per_patch = self.prompt.visual_tokens // int(self.prompt.video_grid_thw[0, 0])
+        return tuple(len(r) * per_patch for r in self.patch_ranges)
 
 
 def attention_config(request: Request) -> AttentionConfig:
@@ -63,11 +67,12 @@ def attention_config(request: Request) -> AttentionConfig:
 def build_header(
     request_id: str,
     prompt: Prompt,
-    frames_shape: tuple[int, ...],
+    num_frames: int,
     world_size: int,
     attention: AttentionConfig,
     sampling: SamplingParams,
     spec: ProcessorSpec,
+    video: VideoPlan | None = None,
 ) -> JobHeader:
     """The header of a job on world_size ranks; raises TooFewFrames or LayoutError when it cannot be split."""
     temporal_patches = int(prompt.video_grid_thw[0, 0])
@@ -84,8 +89,8 @@ def build_header(
         attention=attention,
         sampling=sampling,
         prompt=prompt,
-        frames_shape=tuple(frames_shape),
-        patch_ranges=temporal_shards(frames_shape[0], world_size, spec),
+        video=video,
+        patch_ranges=temporal_shards(num_frames, world_size, spec),
     )
 
 
@@ -98,15 +103,17 @@ def prepare_job(
     limits: Limits,
     stop_ids: tuple[int, ...],
     metrics: MetricsRecorder,
-) -> tuple[JobHeader, np.ndarray]:
-    """Rank 0: read the video and build the header of a checked request (`Request.check`) on world_size ranks;
+) -> JobHeader:
+    """Rank 0: plan the video and build the header of a checked request (`Request.check`) on world_size ranks;
     raises InputError subclasses for bad videos and requests too large or too short for the ranks."""
     with metrics.span("read"), metrics.timed(READ):
-        video = read_video(
+        video = plan_video(
             request.video_path,
             num_frames=request.num_frames,
             fps=None if request.num_frames else request.fps,
             max_frames=limits.max_frames,
+            uncapped=request.uncapped_pixels,
+            processor_bounds=None if request.uncapped_pixels else spec.bounds,
             **spec.read_video_pixels(request.max_pixels),
         )
         prompt = build_prompt(tokenizer, video, request.question, spec, limits.max_prompt_tokens, request.history)
@@ -119,41 +126,31 @@ def prepare_job(
         seed=request.seed,
         stop_ids=stop_ids,
     )
-    header = build_header(request_id, prompt, video.frames.shape, world_size, attention_config(request), sampling, spec)
-    return header, video.frames
-
-
-def distribute_frames(header: JobHeader, frames: np.ndarray | None, comm: Comm, spec: ProcessorSpec) -> np.ndarray:
-    """Rank 0 sends each rank the frames of its temporal patches; returns this rank's frames (uint8)."""
-    if comm.rank == 0:
-        sends = [
-            comm.isend(torch.from_numpy(np.ascontiguousarray(shard_frames(frames, patches, spec))).to(comm.device), rank)
-            for rank, patches in enumerate(header.patch_ranges)
-            if rank > 0
-        ]
-        for handle in sends:
-            handle.wait()
-        return shard_frames(frames, header.patch_ranges[0], spec)
-    count = len(shard_frames(range(header.frames_shape[0]), header.patch_ranges[comm.rank], spec))
-    buffer = torch.empty((count, *header.frames_shape[1:]), dtype=torch.uint8, device=comm.device)
-    return comm.irecv(buffer, src=0).wait().cpu().numpy()
+    attention = attention_config(request)
+    return build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)
 
 
 def run_job(
     header: JobHeader,
-    local_frames: np.ndarray,
     rank_model: QwenVLRank,
     spec: ProcessorSpec,
     comm: Comm,
     metrics: MetricsRecorder,
     should_stop: Callable[[], bool],
+    *,
+    cache: VideoCache | None = None,
+    ship_videos: bool = False,
+    frames: np.ndarray | torch.Tensor | None = None,
     strategy: Strategy | None = None,
 ) -> Iterator[int]:
-    """This rank's share of the request: patchify its own frames, then generate (yields token ids). `strategy`:
-    the header's own by default (the fidelity benchmark passes a recording one)."""
-    shard = video_shard(local_frames, header.patch_ranges, spec)
+    """This rank's share of the request: the video's embeddings (read from the file, the cache, or `frames`, this
+    rank's frames already read when the header has no video), then generate (yields token ids). `strategy`: the
+    header's own by default (the fidelity benchmark passes a recording one)."""
+    with metrics.span("vision"):
+        embeddings = video_embeddings(header.video, header.patch_ranges, header.tokens_per_rank, rank_model, spec,
+                                      comm, metrics, cache, frames, ship_videos)  # fmt: skip
     strategy = strategy or get_strategy(header.attention)
-    yield from generate(rank_model, header.prompt, shard, strategy, comm, metrics, header.sampling, should_stop)
+    yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics, header.sampling, should_stop)
 
 
 def gather_metrics(metrics: dict | None, world_size: int) -> list[dict]:

@@ -31,7 +31,17 @@ import torch
 from apbv.comm import free_port
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
-from apbv.engine.protocol import EXIT_OUT_OF_MEMORY, Cancel, EngineInfo, EventMessage, Job, Ready, Shutdown, ToEngine
+from apbv.engine.protocol import (
+    EXIT_OUT_OF_MEMORY,
+    Cancel,
+    EngineInfo,
+    EventMessage,
+    Job,
+    Ready,
+    Shutdown,
+    ToEngine,
+    WorkerOptions,
+)
 from apbv.errors import (
     ApbvError,
     Busy,
@@ -99,7 +109,8 @@ class EnginePool:
     """A pool of rank processes serving requests one at a time.
 
     model: hub id or local path (None: the embedded model); world_size: ranks (None: visible GPUs, else 2 CPU
-    ranks); device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce.
+    ranks); device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce;
+    options: the workers' own (video cache size, shipping videos to the ranks).
 
     attach: "HOST:PORT" of rank 0 of workers started elsewhere, e.g. by torchrun on several nodes (README); the
     key is APBV_AUTHKEY, world size, device and model are theirs. The pool then starts no process: after a
@@ -116,6 +127,7 @@ class EnginePool:
         request_timeout_s: float = 600.0,
         limits: Limits = Limits(),
         attach: str | None = None,
+        options: WorkerOptions = WorkerOptions(),
     ) -> None:
         self.attach = attach
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +138,7 @@ class EnginePool:
         self.model = model
         self.request_timeout_s = request_timeout_s
         self.limits = limits
+        self.options = options
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=queue_size)
         self._cancel: set[str] = set()
         self._ids = itertools.count(1)
@@ -237,7 +250,7 @@ class EnginePool:
             base["CUDA_VISIBLE_DEVICES"] = ""
         model = self.model or str(default_model_path())  # resolved once, before any rank starts
         cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen, "--model", model,
-               "--limits", json.dumps(asdict(self.limits))]
+               "--limits", json.dumps(asdict(self.limits)), *self.options.as_args()]
         self._procs = []
         for rank in range(self.world_size):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}

@@ -17,6 +17,20 @@ EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this 
 
 
 @dataclass(frozen=True)
+class WorkerOptions:
+    """video_cache_mb: memory for encoded videos on each rank's device (0: no cache); ship_videos: ranks > 0 never
+    read video paths themselves (nodes without shared storage): rank 0 sends them each file."""
+
+    video_cache_mb: int = 2048
+    ship_videos: bool = False
+
+
+    def as_args(self) -> list[str]:
+        """The worker's command-line flags for these options."""
+        return [f"--video-cache-mb={self.video_cache_mb}"] + (["--ship-videos"] if self.ship_videos else [])
+
+
+@dataclass(frozen=True)
 class Job:
     """Run `request`; its events come back tagged with `request_id`."""
 

@@ -22,7 +22,6 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
@@ -30,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from apbv.comm import Comm, backend_for, rank_device
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
-from apbv.engine.job import JobHeader, distribute_frames, gather_metrics, prepare_job, run_job
+from apbv.engine.job import JobHeader, gather_metrics, prepare_job, run_job
 from apbv.engine.protocol import (
     EXIT_OUT_OF_MEMORY,
     Cancel,
@@ -40,7 +39,9 @@ from apbv.engine.protocol import (
     Ready,
     Shutdown,
     ToEngine,
+    WorkerOptions,
 )
+from apbv.engine.video_cache import VideoCache
 from apbv.errors import ApbvError, Cancelled
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
@@ -108,7 +109,12 @@ def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
     return groups
 
 
-def serve(model: str | None, make_channel: Callable[[EngineInfo], Channel], limits: Limits = Limits()) -> None:
+def serve(
+    model: str | None,
+    make_channel: Callable[[EngineInfo], Channel],
+    limits: Limits = Limits(),
+    options: WorkerOptions = WorkerOptions(),
+) -> None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device()
@@ -118,7 +124,8 @@ def serve(model: str | None, make_channel: Callable[[EngineInfo], Channel], limi
     channel = None
     if rank == 0:
         channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
-    while _serve_next(rank, world_size, device, groups, loaded, channel, limits):
+    cache = VideoCache(options.video_cache_mb << 20)
+    while _serve_next(rank, world_size, device, groups, loaded, channel, limits, cache, options):
         pass
     dist.destroy_process_group()
 
@@ -131,11 +138,13 @@ def _serve_next(
     loaded: LoadedModel,
     channel: Channel | None,
     limits: Limits,
+    cache: VideoCache,
+    options: WorkerOptions,
 ) -> bool:
     """Serve one job on every rank (rank 0 waits for it and hands it out); False once shutdown is asked."""
-    header, frames, metrics = None, None, None
+    header, metrics = None, None
     if rank == 0:
-        header, frames, metrics = _next_job(channel, loaded, limits, world_size, device)
+        header, metrics = _next_job(channel, loaded, limits, world_size, device)
         if isinstance(header, JobHeader):
             header = replace(header, started_s=metrics.elapsed())
     box = [header]
@@ -148,7 +157,7 @@ def _serve_next(
         metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
     if rank < header.world_size:
         comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
-        record = _run_rank(header, frames, loaded, comm, channel, metrics)
+        record = _run_rank(header, loaded, comm, channel, metrics, cache, options.ship_videos and rank > 0)
     records = gather_metrics(record, world_size)
     if rank == 0:
         if record.get("cancelled"):
@@ -161,12 +170,12 @@ def _serve_next(
 
 def _next_job(
     channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device
-) -> tuple[JobHeader | Shutdown, np.ndarray | None, MetricsRecorder | None]:
-    """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, frames, metrics)."""
+) -> tuple[JobHeader | Shutdown, MetricsRecorder | None]:
+    """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, metrics)."""
     while True:
         msg = channel.recv()
         if isinstance(msg, Shutdown):
-            return msg, None, None
+            return msg, None
         if isinstance(msg, Cancel):
             channel.cancelled.add(msg.request_id)
             continue
@@ -177,22 +186,23 @@ def _next_job(
         metrics = MetricsRecorder(0, device, on_span=lambda name: channel.send(request_id, "stage", {"name": name}))
         try:
             w = request.check(world_size, limits)
-            header, frames = prepare_job(
+            header = prepare_job(
                 request_id, request, w, loaded.tokenizer, loaded.spec, limits, loaded.stop_ids, metrics
             )
         except ApbvError as err:
             channel.send(request_id, "error", {"code": err.code, "message": str(err)})
             continue
-        return header, frames, metrics
+        return header, metrics
 
 
 def _run_rank(
     header: JobHeader,
-    frames: np.ndarray | None,
     loaded: LoadedModel,
     comm: Comm,
     channel: Channel | None,
     metrics: MetricsRecorder,
+    cache: VideoCache,
+    ship_videos: bool,
 ) -> dict:
     """Run this rank's share of a job; rank 0 streams tokens. Returns this rank's metrics record."""
     rid = header.request_id
@@ -202,8 +212,9 @@ def _run_rank(
         should_stop = lambda: channel.poll_cancel(rid)  # noqa: E731
     cancelled = False
     try:
-        local_frames = distribute_frames(header, frames, comm, loaded.spec)
-        for token in run_job(header, local_frames, loaded.rank_model, loaded.spec, comm, metrics, should_stop):
+        tokens = run_job(header, loaded.rank_model, loaded.spec, comm, metrics, should_stop, cache=cache,
+                         ship_videos=ship_videos)  # fmt: skip
+        for token in tokens:
             if stream is not None:
                 stream.push(token)
     except Cancelled:
@@ -264,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="hub id or local path; default: the embedded model")
     parser.add_argument("--listen", default="127.0.0.1:29600", help="rank 0: address the pool connects to")
     parser.add_argument("--limits", default="{}", help="per-request limits: JSON of apbv.config.Limits fields")
+    parser.add_argument("--video-cache-mb", type=int, default=WorkerOptions.video_cache_mb,
+                        help="device memory per rank for encoded videos (0: off)")
+    parser.add_argument("--ship-videos", action="store_true",
+                        help="ranks > 0 get each video file from rank 0 (nodes without shared storage)")
     args = parser.parse_args(argv)
 
     def accept_pool(info: EngineInfo) -> PoolChannel:
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rank 0 listening on {args.listen} for the pool", file=sys.stderr, flush=True)
             return PoolChannel(listener.accept(), info)
 
-    serve(args.model, accept_pool, Limits(**json.loads(args.limits)))
+    serve(args.model, accept_pool, Limits(**json.loads(args.limits)), WorkerOptions(args.video_cache_mb, args.ship_videos))
 
 
 if __name__ == "__main__":

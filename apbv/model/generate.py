@@ -1,4 +1,4 @@
-"""Prefill + decode loop for one request on one rank: vision, sharded prefill, sampling, streamed tokens.
+"""Prefill + decode loop for one request on one rank: sharded prefill, sampling, streamed tokens.
 
 Every rank of the request's group runs `generate` with the same prompt; the tail rank (the one holding the last
 prompt token) samples each token and broadcasts it, so all ranks stay in lock-step and yield the same ids.
@@ -14,7 +14,7 @@ import torch
 from apbv.attention.base import Strategy
 from apbv.comm import Comm
 from apbv.errors import Cancelled
-from apbv.inputs import Prompt, VideoShard
+from apbv.inputs import Prompt
 from apbv.metrics import (
     ATTENTION,
     COMM_WAIT,
@@ -51,14 +51,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 def generate(
     rank_model: QwenVLRank,
     prompt: Prompt,
-    video: VideoShard,
+    video_embeds: torch.Tensor,
     strategy: Strategy,
     comm: Comm,
     metrics: MetricsRecorder,
     sampling: SamplingParams,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[int]:
-    """Yield generated token ids (identical on every rank); stop tokens are not yielded.
+    """Yield generated token ids (identical on every rank); stop tokens are not yielded. video_embeds: every
+    video token's embedding in token order (`QwenVLRank.encode_video` / the engine's video pipeline).
 
     `should_stop` is polled on rank 0 at every token boundary; when it returns True all ranks raise Cancelled.
     """
@@ -66,8 +67,6 @@ def generate(
     metrics.remainder(OTHER_LAYERS, span="prefill", minus=(ATTENTION, COMM_WAIT))
     is_tail = comm.rank == plan.tail_rank
     positions = rank_model.global_positions(prompt)
-    with metrics.span("vision"):
-        video_embeds = rank_model.encode_video(video.pixels, video.grid_thw, video.tokens_per_rank, comm, metrics)
     cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
 

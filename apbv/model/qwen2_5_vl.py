@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
@@ -103,17 +103,25 @@ class QwenVLRank:
         comm: Comm,
         metrics: MetricsRecorder,
     ) -> torch.Tensor:
-        """Encode this rank's temporal patches and all-gather every rank's embeddings in token order.
+        """Encode this rank's temporal patches and all-gather every rank's embeddings in token order."""
+        local = self.encode_patches(local_pixels, local_grid_thw, metrics)
+        return self.gather_video(local, tokens_per_rank, comm, metrics)
 
-        Exact: no op of the Qwen2.5-VL vision tower crosses temporal patches (spec §2).
-        """
+    @torch.inference_mode()
+    def encode_patches(self, pixels: torch.Tensor, grid_thw: torch.Tensor, metrics: MetricsRecorder) -> torch.Tensor:
+        """The vision tower on some temporal patches (pixel rows of `patchify`): one embedding per merged patch, in
+        the model's dtype. Exact in pieces: no op of the Qwen2.5-VL vision tower crosses temporal patches (§2)."""
         with metrics.timed(VISION):
-            if local_pixels.shape[0]:
-                pixels = local_pixels.to(self.device, self.visual.dtype)
-                local = merged_vision_tokens(self.visual, pixels, local_grid_thw.to(self.device))
-            else:
-                local = torch.empty(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
-        parts = comm.all_gather(local.to(self.dtype).contiguous(), sizes=tokens_per_rank, dim=0, metrics=metrics)
+            if not pixels.shape[0]:
+                return torch.empty(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+            pixels = pixels.to(self.device, self.visual.dtype)
+            return merged_vision_tokens(self.visual, pixels, grid_thw.to(self.device)).to(self.dtype)
+
+    def gather_video(
+        self, local: torch.Tensor, tokens_per_rank: Sequence[int], comm: Comm, metrics: MetricsRecorder
+    ) -> torch.Tensor:
+        """Every rank's video embeddings, in token order (an all-gather of uneven sizes)."""
+        parts = comm.all_gather(local.contiguous(), sizes=tokens_per_rank, dim=0, metrics=metrics)
         return torch.cat(parts, dim=0)
 
     @torch.inference_mode()
