@@ -191,7 +191,8 @@ def _shot(rng: np.random.Generator, source: Source, length: int, size: tuple[int
 
     def window() -> np.ndarray:  # (centre y, centre x, height): the set of windows inside the source is convex
         side = rng.uniform(*CROP_SIDE) * largest
-        return np.array([rng.uniform(side / 2, src_h - side / 2), rng.uniform(side * aspect / 2, src_w - side * aspect / 2), side])
+        half_w = side * aspect / 2
+        return np.array([rng.uniform(side / 2, src_h - side / 2), rng.uniform(half_w, src_w - half_w), side])
 
     first = window()
     last = first + min(1.0, length / MOVE_FRAMES) * (window() - first) if rng.random() < MOVE_SHARE else first

@@ -14,7 +14,7 @@ from PIL import Image
 from apbv import footage
 from apbv.errors import FootageUnavailable
 from apbv.synthetic import write_mp4
-from tests.footage_tracer import HELD_OUT_TRACER, using_bundle, write_tracer_bundle
+from tests.footage_tracer import using_bundle, write_tracer_bundle
 
 SIZE = (112, 112)
 
@@ -37,7 +37,8 @@ def test_sources_are_the_packages_real_files():
     for name in footage.STILLS:
         still = library[name].frames
         assert still.shape[0] == 1 and max(still.shape[1:3]) <= footage.STILL_MAX_SIDE and still.std() > 10, name
-    assert all(s.is_clip == (s.name in footage.CLIPS) and s.split == {**footage.CLIPS, **footage.STILLS}[s.name] for s in library.values())
+    splits = {**footage.CLIPS, **footage.STILLS}
+    assert all(s.is_clip == (s.name in footage.CLIPS) and s.split == splits[s.name] for s in library.values())
 
 
 def test_bundle_reads_back_the_same_footage(tmp_path, monkeypatch, capsys):
