@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             "fps": args.fps,
             "needle_len": args.needle_len,
             "footage": args.footage,
+            "tasks": list(args.tasks),
             "seed": args.seed,
             "index": i,
         }

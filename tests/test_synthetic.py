@@ -4,6 +4,7 @@ follow from the frames, varied needles, the held-out sets, MP4s."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,17 @@ def test_cli_writes_examples_with_sidecars(tmp_path, scene):
         assert (meta["question"], meta["answer"], meta["needle_frames"], meta["footage"]) == (
             sample.question, sample.answer, sample.needle_frames, scene)  # fmt: skip
         assert probe_video(file.with_suffix(".mp4")).frame_count == 32
+
+
+@pytest.mark.parametrize("sidecar", sorted((Path(__file__).parent.parent / "assets" / "examples").glob("*.json")),
+                         ids=lambda p: p.stem)  # fmt: skip
+def test_shipped_examples_are_what_their_sidecars_say(sidecar):
+    """Each bundled example decodes to the sample its sidecar names (same question, answer, needles, frames)."""
+    meta = json.loads(sidecar.read_text())
+    sample = make_dataset(meta["seed"], meta["index"] + 1, meta["num_frames"], tasks=meta["tasks"],
+                          needle_len=meta["needle_len"], footage=meta["footage"])[meta["index"]]  # fmt: skip
+    assert (meta["question"], meta["answer"], meta["needle_frames"]) == (
+        sample.question, sample.answer, sample.needle_frames)  # fmt: skip
+    video = read_video(sidecar.with_suffix(".mp4"), num_frames=meta["num_frames"], min_pixels=28 * 28)
+    assert video.frames.shape == sample.frames.shape and meta["fps"] == probe_video(sidecar.with_suffix(".mp4")).fps
+    assert np.abs(video.frames.astype(int) - sample.frames).mean() < 8
