@@ -25,10 +25,12 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import random
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,7 +42,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGenera
 from apbv import footage, synthetic
 from apbv.attention.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
-from apbv.model.loading import load_model
+from apbv.model.loading import LoadedModel, load_model
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
 from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
@@ -326,29 +328,45 @@ def evaluate(
     n: int,
     fps: float = EVAL_FPS,
     sets: tuple[str, ...] = tuple(synthetic.HELD_OUT_SETS),
+    workers: int = 0,
 ) -> tuple[Table, Table]:
     """Dense greedy exact-match accuracy of the saved checkpoint on n held-out samples per (set, frames, task),
     through the engine's path (`apbv.qa.ask`: build_prompt, patchify, generate), the frames read at `fps`, and the
-    fraction of answers outside the question's closed set. Rows are keyed by the frame count, with "@<fps>fps"
-    added when fps is not the standard EVAL_FPS."""
-    loaded = load_model(str(model_dir), torch.device("cpu"))
+    fraction of answers outside the question's closed set; each (set, frames, task) cell in one of `workers`
+    single-threaded processes (0: all in this process). Rows are keyed by the frame count, with "@<fps>fps" added
+    when fps is not the standard EVAL_FPS."""
+    cells = [(s, f, t) for s in sets for f in frames for t in tasks]
+    score = functools.partial(_score_cell, str(model_dir), n=n, fps=fps)
+    if workers:
+        spawn = multiprocessing.get_context("spawn")  # CUDA may be initialised here; the cells run on CPU
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            scores = list(pool.map(score, *zip(*cells)))
+    else:
+        scores = [score(*cell) for cell in cells]
     accuracy: Table = {s: {} for s in sets}
     outside: Table = {s: {} for s in sets}
-    for held_out_set in sets:
-        for num_frames in frames:
-            key = str(num_frames) if fps == EVAL_FPS else f"{num_frames}@{fps:g}fps"
-            hits, strays = {}, {}
-            for task in tasks:
-                answers = []
-                for i in range(n):
-                    sample = held_out(i, num_frames, task, held_out_set)
-                    text = ask(loaded, as_video(sample, fps), sample.question, AttentionConfig("dense")).text
-                    answers.append((text == sample.answer, text not in sample.choices))
-                hits[task], strays[task] = (float(np.mean(column)) for column in zip(*answers))
-            accuracy[held_out_set][key], outside[held_out_set][key] = hits, strays
-            print(f"held-out {held_out_set} at {key} frames: accuracy {hits}, outside the answer set {strays}",
-                  flush=True)  # fmt: skip
+    for (held_out_set, num_frames, task), (hits, strays) in zip(cells, scores):
+        key = str(num_frames) if fps == EVAL_FPS else f"{num_frames}@{fps:g}fps"
+        accuracy[held_out_set].setdefault(key, {})[task] = hits
+        outside[held_out_set].setdefault(key, {})[task] = strays
+        print(f"held-out {held_out_set} at {key} frames, {task}: accuracy {hits:.2f}, outside the answer set "
+              f"{strays:.2f}", flush=True)  # fmt: skip
     return accuracy, outside
+
+
+@functools.cache
+def _loaded(model_dir: str) -> LoadedModel:
+    return load_model(model_dir, torch.device("cpu"))
+
+
+def _score_cell(model_dir: str, held_out_set: str, num_frames: int, task: str, n: int, fps: float) -> tuple[float, float]:
+    """(accuracy, fraction outside the closed set) of the checkpoint on one cell's n held-out samples."""
+    loaded, right, strays = _loaded(model_dir), 0, 0
+    for i in range(n):
+        sample = held_out(i, num_frames, task, held_out_set)
+        text = ask(loaded, as_video(sample, fps), sample.question, AttentionConfig("dense")).text
+        right, strays = right + (text == sample.answer), strays + (text not in sample.choices)
+    return right / n, strays / n
 
 
 def _range_arg(kind: type, least: float) -> Callable[[str], tuple]:
@@ -383,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=synthetic.TASKS, choices=synthetic.TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process")
-    parser.add_argument("--workers", type=int, default=0, help="processes building batches (0: in the trainer)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes building batches, then evaluating (0: in the trainer)")
     parser.add_argument("--time-limit", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-n", type=int, default=40, help="held-out samples per task and frame count")
@@ -399,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--vision-steps needs a one-needle task among --tasks ({', '.join(synthetic.RETRIEVAL_CHOICES)})")
     torch.set_num_threads(args.threads)
     evaluation = functools.partial(evaluate, args.out, tuple(args.eval_frames), args.tasks, args.eval_n,
-                                   args.eval_fps, tuple(args.eval_sets))  # fmt: skip
+                                   args.eval_fps, tuple(args.eval_sets), args.workers)  # fmt: skip
     if args.evaluate_only:
         record_file = args.out / "training.json"
         record = json.loads(record_file.read_text()) if record_file.exists() else {}

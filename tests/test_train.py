@@ -11,9 +11,18 @@ import torch
 
 from apbv import footage, synthetic
 from apbv.inputs import ProcessorSpec, patchify
-from apbv.model.loading import load_model
+from apbv.model.loading import EMBEDDED_MODEL, load_model
 from apbv.synthetic import FRAME_SIZE, TASKS
-from apbv.train import _SEEDS_PER_RUN, GREY_SHARE, NeedleClips, TrainingBatches, main, make_example, training_footage
+from apbv.train import (
+    _SEEDS_PER_RUN,
+    GREY_SHARE,
+    NeedleClips,
+    TrainingBatches,
+    evaluate,
+    main,
+    make_example,
+    training_footage,
+)
 from tests.footage_tracer import HELD_OUT_TRACER, using_bundle, write_tracer_bundle
 
 
@@ -142,3 +151,14 @@ def test_vision_pretraining_without_a_one_needle_task_is_refused(tmp_path, capsy
         main(["--out", str(tmp_path / "m"), "--vision-steps", "2", "--tasks", "order", "count"])
     assert "--vision-steps needs a one-needle task" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_evaluation_in_worker_processes_matches_in_process():
+    args = (EMBEDDED_MODEL, (8, 16), ("color", "order"), 2, 2.0, ("footage", "grey"))
+    accuracy, outside = evaluate(*args, workers=2)
+    assert (accuracy, outside) == evaluate(*args, workers=0)
+    assert set(accuracy) == {"footage", "grey"} and set(accuracy["grey"]) == {"8", "16"}
+    assert all(0 <= v <= 1 for table in (accuracy, outside) for rows in table.values() for row in rows.values()
+               for v in row.values())  # fmt: skip
