@@ -234,6 +234,7 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
     fixed with --freeze-vision) until --steps or --time-limit. Returns the model and the end-to-end steps taken."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+    footage.library()  # decoded once here (a missing footage fails before any training); forked workers inherit it
     if args.init:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:

@@ -12,7 +12,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 if [ -f .whl/footage.npz ]; then export APBV_FOOTAGE=${APBV_FOOTAGE:-.whl/footage.npz}; fi
 python3 -m apbv.train --out "$OUT/model" --device cuda --workers "${WORKERS:-$(($(nproc) - 2))}" --init assets/model \
-  --vision-steps 2000 --vision-batch 128 --vision-lr 5e-4 --freeze-vision \
+  --vision-steps 2000 --vision-batch 128 --vision-lr 1e-3 --freeze-vision \
   --frames 2-256 --fps 0.1-8 --batch 32 --steps 1200 --warmup 50 --lr 5e-4 --time-limit 360 \
   --threads 2 --log-every 100 --eval-n 0 "$@" 2>&1 \
   | grep -v "Loading weights\|Writing model" | tee "$OUT/train.log"
