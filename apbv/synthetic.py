@@ -288,6 +288,9 @@ def _place(rng: np.random.Generator, num_frames: int, k: int, length: int) -> li
     return [int(o) + i * (length + _NEEDLE_GAP) for i, o in enumerate(offsets)]
 
 
+EXAMPLE_PREFIX = {None: "synthetic", "train": "footage", "held_out": "unseen_footage"}  # example file names
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write synthetic video-QA examples (MP4 + JSON sidecar).")
     parser.add_argument("--out", type=Path, required=True)
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dataset = make_dataset(args.seed, args.n, args.frames, tuple(args.size), args.tasks, args.needle_len, args.footage)
     for i, sample in enumerate(dataset):
-        stem = args.out / f"{'footage' if args.footage else 'synthetic'}_{i}_{sample.task}"
+        stem = args.out / f"{EXAMPLE_PREFIX[args.footage]}_{i}_{sample.task}"
         write_mp4(sample.frames, stem.with_suffix(".mp4"), args.fps)
         sidecar = {
             "question": sample.question,

@@ -150,8 +150,8 @@ def test_cli_writes_examples_with_sidecars(tmp_path, scene):
     main(["--out", str(tmp_path), "--n", "2", "--frames", "32", "--needle-len", "4", "--tasks", "shape", "digit",
           *(["--footage", scene] if scene else [])])  # fmt: skip
     sidecars = sorted(tmp_path.glob("*.json"))
-    assert [f.stem for f in sidecars] == [f"{'footage' if scene else 'synthetic'}_{i}_{t}" for i, t in
-                                          enumerate(("shape", "digit"))]  # fmt: skip
+    prefix = "unseen_footage" if scene else "synthetic"
+    assert [f.stem for f in sidecars] == [f"{prefix}_{i}_{t}" for i, t in enumerate(("shape", "digit"))]
     assert len(list(tmp_path.glob("*.mp4"))) == 2
     for i, file in enumerate(sidecars):
         meta = json.loads(file.read_text())
