@@ -86,6 +86,12 @@ class OutOfMemory(EngineError):
     code = "out_of_memory"
 
 
+class FootageUnavailable(ApbvError):
+    """The real footage of the training and evaluation videos is missing: neither its packages nor a bundle."""
+
+    code = "footage_unavailable"
+
+
 def error_from_code(code: str, message: str) -> ApbvError:
     """The typed error of a `code` (as sent between processes); unknown codes become a generic EngineError."""
     by_code = {c.code: c for c in globals().values() if isinstance(c, type) and issubclass(c, ApbvError)}

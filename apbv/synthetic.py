@@ -1,12 +1,16 @@
 """Synthetic long-video QA in the spirit of VNBench: find the needle in a video haystack.
 
-A sample is a video of distractor content (a drifting grey texture, moving grey blobs, faint noise) with one or
-more "needles": short segments (2 frames by default) showing a saturated coloured shape, a digit or a word on a
-card. Questions need the needle: retrieval (color, shape, digit, word), ordering (which of two colours came
-first) and counting (how many times a shape appeared). Answers come from small closed sets, so accuracy is
-exact match. Everything is drawn from one seeded generator: same seed, same bytes.
+A sample is a video of distractor content with one or more "needles": short segments (1-4 frames) showing a
+saturated coloured shape, a digit or a word on a card, of varied size, place and opacity. The distractor content
+is either synthetic grey (a drifting texture, moving grey blobs, faint noise) or real footage filmed by a
+synthetic camera (`apbv.footage`: its training or its held-out sources). Questions need the needle: retrieval
+(color, shape, digit, word), ordering (which of two colours came first) and counting (how many times a shape
+appeared). Answers come from small closed sets, so accuracy is exact match. Everything is drawn from seeded
+generators: same seed, same bytes; the background has its own stream (`background`), so the needles never
+change it.
 
-`python -m apbv.synthetic --out assets/examples --n 6` writes playable example MP4s with JSON sidecars.
+`python -m apbv.synthetic --out assets/examples --n 6 [--footage held_out]` writes playable example MP4s with
+JSON sidecars.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from apbv import footage as real_footage
 from apbv.video import SampledVideo
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +54,10 @@ QUESTIONS = {
 }
 
 _NEEDLE_GAP = 2  # background frames at least between two needles, so that counting is well defined
+NEEDLE_LENGTHS = (1, 2, 2, 3, 4)  # a needle's duration in frames, drawn from these (longer ones when they fit)
+SHAPE_SIDE = (0.3, 0.6)  # a shape's side as a fraction of the frame's short side
+CARD_WIDTH = (0.4, 0.7)  # a card's text width as a fraction of the frame width (whole-pixel glyph scales)
+OPACITY = (0.75, 1.0)  # a needle's opacity over the background
 FRAME_SIZE = (112, 112)  # (H, W) of the embedded model's frames: 16 visual tokens per temporal patch
 HELD_OUT_SEED = 1 << 31  # held-out samples have seeds from here on; training seeds stay below
 EVAL_FPS = 2.0  # the frame rate held-out videos are read at
@@ -64,6 +73,7 @@ class Sample:
     task: str
     needle_frames: list[int]
     choices: tuple[str, ...]  # the closed answer set of this question
+    footage: str | None = None  # the footage split behind the needles; None: synthetic grey
 
 
 def make_sample(
@@ -71,13 +81,15 @@ def make_sample(
     num_frames: int = 64,
     size: tuple[int, int] = FRAME_SIZE,
     task: str = "color",
-    needle_len: int = 2,
+    needle_len: int | None = None,
+    footage: str | None = None,
 ) -> Sample:
-    """One deterministic sample of `task` (one of TASKS) with num_frames frames of size (H, W)."""
+    """One deterministic sample of `task` (one of TASKS) with num_frames frames of size (H, W) over `background`;
+    needle_len: frames per needle (None: drawn from NEEDLE_LENGTHS, as long as the needles fit)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    frames = background(seed, num_frames, size, footage)
     rng = np.random.default_rng(seed)
-    frames = _background(rng, num_frames, size)
     shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
     needles: list = []  # one overlay function per needle occurrence, in time order
     if task in ("color", "shape"):
@@ -95,19 +107,37 @@ def make_sample(
         answer, choices = str(rng.choice(COUNTS)), COUNTS
         needles = [lambda: _shape_overlay(rng, size, shape, color)] * int(answer)
     question = QUESTIONS[task].format(color=color, shape=shape, a=choices[0], b=choices[-1])
+    if needle_len is None:
+        fitting = [n for n in NEEDLE_LENGTHS if _fits(num_frames, len(needles), n)] or [1]
+        needle_len = int(rng.choice(fitting))
 
     needle_frames = []
     for start, overlay in zip(_place(rng, num_frames, len(needles), needle_len), needles):
         rgba = overlay()  # drawn once, held still over the segment while the background moves on
+        alpha = (rgba[..., 3:] > 0) * rng.uniform(*OPACITY)
         segment = slice(start, start + needle_len)
-        frames[segment] = np.where(rgba[..., 3:] > 0, rgba[..., :3], frames[segment])
+        frames[segment] = np.rint(alpha * rgba[..., :3] + (1 - alpha) * frames[segment]).astype(np.uint8)
         needle_frames += range(start, start + needle_len)
-    return Sample(frames, question, answer, task, needle_frames, choices)
+    return Sample(frames, question, answer, task, needle_frames, choices, footage)
 
 
-def held_out(i: int, num_frames: int, task: str) -> Sample:
-    """Held-out sample i (seed HELD_OUT_SEED + i): never drawn in training."""
-    return make_sample(HELD_OUT_SEED + i, num_frames, FRAME_SIZE, task)
+def background(seed: int, num_frames: int, size: tuple[int, int], footage: str | None = None) -> np.ndarray:
+    """The needle-free frames of sample `seed`: synthetic grey, or `footage`'s split of real footage."""
+    rng = np.random.default_rng([seed, 1])  # a stream of its own
+    if footage is None:
+        return _grey_background(rng, num_frames, size)
+    return real_footage.background(rng, num_frames, size, footage)
+
+
+HELD_OUT_SETS = {"footage": "held_out", "grey": None}  # held-out set -> the footage behind its needles
+
+
+def held_out(i: int, num_frames: int, task: str, held_out_set: str = "footage") -> Sample:
+    """Held-out sample i (seed HELD_OUT_SEED + i) of a HELD_OUT_SETS set: never drawn in training (the footage
+    set's backgrounds are the held-out footage, never used in training either)."""
+    if held_out_set not in HELD_OUT_SETS:
+        raise ValueError(f"unknown held-out set {held_out_set!r}; choose one of {', '.join(HELD_OUT_SETS)}")
+    return make_sample(HELD_OUT_SEED + i, num_frames, FRAME_SIZE, task, footage=HELD_OUT_SETS[held_out_set])
 
 
 def as_video(sample: Sample, fps: float = EVAL_FPS) -> SampledVideo:
@@ -125,7 +155,8 @@ class SyntheticDataset(Sequence):
     num_frames: tuple[int, int] = (16, 64)
     size: tuple[int, int] = (112, 112)
     tasks: tuple[str, ...] = TASKS
-    needle_len: int = 2
+    needle_len: int | None = None
+    footage: str | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -137,7 +168,7 @@ class SyntheticDataset(Sequence):
         seed = int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0])
         lo, hi = self.num_frames
         frames = int(np.random.default_rng(seed).integers(lo, hi + 1))
-        return make_sample(seed, frames, self.size, self.tasks[i % len(self.tasks)], self.needle_len)
+        return make_sample(seed, frames, self.size, self.tasks[i % len(self.tasks)], self.needle_len, self.footage)
 
 
 def make_dataset(
@@ -146,11 +177,12 @@ def make_dataset(
     num_frames: int | tuple[int, int] = (16, 64),
     size: tuple[int, int] = (112, 112),
     tasks: Sequence[str] = TASKS,
-    needle_len: int = 2,
+    needle_len: int | None = None,
+    footage: str | None = None,
 ) -> SyntheticDataset:
     """A deterministic dataset of n samples (see SyntheticDataset); num_frames: a count or an inclusive range."""
     frames = (num_frames, num_frames) if isinstance(num_frames, int) else tuple(num_frames)
-    return SyntheticDataset(seed, n, frames, tuple(size), tuple(tasks), needle_len)
+    return SyntheticDataset(seed, n, frames, tuple(size), tuple(tasks), needle_len, footage)
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0, codec: str | None = None) -> Path:
@@ -176,7 +208,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0, codec: str
     return path
 
 
-def _background(rng: np.random.Generator, num_frames: int, size: tuple[int, int]) -> np.ndarray:
+def _grey_background(rng: np.random.Generator, num_frames: int, size: tuple[int, int]) -> np.ndarray:
     """Grey distractor video: a smooth texture drifting by a constant step, moving grey blobs, faint noise."""
     height, width = size
     coarse = rng.integers(60, 180, (6, 6), dtype=np.uint8)
@@ -202,10 +234,10 @@ def _background(rng: np.random.Generator, num_frames: int, size: tuple[int, int]
 
 
 def _shape_overlay(rng: np.random.Generator, size: tuple[int, int], shape: str, color: str) -> np.ndarray:
-    """RGBA layer with a large filled shape (about half the frame) at a random place, thin dark outline."""
+    """RGBA layer with a filled shape (SHAPE_SIDE of the frame) at a random place, thin dark outline."""
     height, width = size
     img = Image.new("RGBA", (width, height), (0, 0, 0, 0))
-    side = int(min(width, height) * rng.uniform(0.45, 0.6))
+    side = int(min(width, height) * rng.uniform(*SHAPE_SIDE))
     x0, y0 = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
     x1, y1, cx, cy = x0 + side, y0 + side, x0 + side // 2, y0 + side // 2
     fill, outline = (*COLORS[color], 255), (0, 0, 0, 255)
@@ -232,7 +264,7 @@ def _card_overlay(rng: np.random.Generator, size: tuple[int, int], text: str) ->
     glyphs = Image.new("L", (right - left, bottom - top), 255)
     ImageDraw.Draw(glyphs).text((-left, -top), text, fill=0, font=font)
     height, width = size
-    scale = max(1, int(min(width * 0.6 / glyphs.width, height * 0.45 / glyphs.height)))
+    scale = max(1, int(min(width * rng.uniform(*CARD_WIDTH) / glyphs.width, height * 0.45 / glyphs.height)))
     glyphs = glyphs.resize((glyphs.width * scale, glyphs.height * scale), Image.Resampling.NEAREST)
     margin = max(2, scale)
     card_w, card_h = glyphs.width + 2 * margin, glyphs.height + 2 * margin
@@ -243,13 +275,20 @@ def _card_overlay(rng: np.random.Generator, size: tuple[int, int], text: str) ->
     return np.asarray(img)
 
 
+def _fits(num_frames: int, k: int, length: int) -> bool:
+    return k * length + (k - 1) * _NEEDLE_GAP <= num_frames
+
+
 def _place(rng: np.random.Generator, num_frames: int, k: int, length: int) -> list[int]:
     """Start frames of k non-overlapping segments of `length` frames, at least _NEEDLE_GAP frames apart."""
     slack = num_frames - k * length - (k - 1) * _NEEDLE_GAP
-    if slack < 0:
+    if not _fits(num_frames, k, length):
         raise ValueError(f"{num_frames} frames are too few for {k} needles of {length} frames")
     offsets = np.sort(rng.integers(0, slack + 1, k))
     return [int(o) + i * (length + _NEEDLE_GAP) for i, o in enumerate(offsets)]
+
+
+EXAMPLE_PREFIX = {None: "synthetic", "train": "footage", "held_out": "unseen_footage"}  # example file names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,10 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--needle-len", type=int, default=8, help="frames per needle (8 at 8 fps: 1 s, so that "
                         "sampling at the default 2 fps always sees it)")
+    parser.add_argument("--footage", choices=real_footage.SPLITS, default=None,
+                        help="draw the needles over this split of the real footage (default: synthetic grey)")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     args = parser.parse_args(argv)
-    dataset = make_dataset(args.seed, args.n, args.frames, tuple(args.size), needle_len=args.needle_len)
+    dataset = make_dataset(args.seed, args.n, args.frames, tuple(args.size), args.tasks, args.needle_len, args.footage)
     for i, sample in enumerate(dataset):
-        stem = args.out / f"synthetic_{i}_{sample.task}"
+        stem = args.out / f"{EXAMPLE_PREFIX[args.footage]}_{i}_{sample.task}"
         write_mp4(sample.frames, stem.with_suffix(".mp4"), args.fps)
         sidecar = {
             "question": sample.question,
@@ -276,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             "num_frames": len(sample.frames),
             "fps": args.fps,
             "needle_len": args.needle_len,
+            "footage": args.footage,
+            "tasks": list(args.tasks),
             "seed": args.seed,
             "index": i,
         }

@@ -1,4 +1,4 @@
-"""Train the embedded model: a small Qwen2.5-VL that answers the synthetic needle-in-a-video questions.
+"""Train the embedded model: a small Qwen2.5-VL that answers the needle-in-a-video questions.
 
     python -m apbv.train --out assets/model [--vision-steps 0] [--steps 700] [--batch 8] [--device cpu|cuda]
         [--frames 8-128] [--workers 0] [--time-limit S] [--init CHECKPOINT] [--seed 0] [--eval-n 40]
@@ -9,10 +9,14 @@ taught it colours but not shapes or digits. Then teacher forcing on freshly gene
 with the vision tower fixed if --freeze-vision, through transformers' own forward (SDPA in the language model,
 packed attention in the vision tower) on the exact prompts the engine builds (`build_prompt` + `patchify`),
 right-padded into batches; the loss covers only the answer tokens and the closing <|im_end|>. A curriculum grows
-the frame count from the lower to the upper end of --frames over the first 60% of the steps. Training seeds lie
-below HELD_OUT_SEED, evaluation seeds at or above it (run --seed S draws its own range). The checkpoint keeps
-video frames at 112x112 (16 visual tokens per temporal patch) through its video_preprocessor_config.json; its
-training.json records the command, wall time, held-out accuracy and the record of the --init checkpoint.
+the frame count from the lower to the upper end of --frames over the first 60% of the steps. Both stages draw the
+needles over the training footage (`apbv.footage`) or, for GREY_SHARE of the samples, over synthetic grey.
+Training seeds lie below HELD_OUT_SEED, evaluation seeds at or above it (run --seed S draws its own range), and the
+held-out footage is never drawn in training. Evaluation reads each held-out set (`synthetic.HELD_OUT_SETS`: needles
+over the held-out footage, and over grey) and counts the answers outside the question's closed set. The
+checkpoint keeps video frames at 112x112 (16 visual tokens per temporal patch) through its
+video_preprocessor_config.json; its training.json records the command, wall time, the footage split and digest,
+held-out accuracy and the record of the --init checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import random
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,10 +39,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
-from apbv import synthetic
+from apbv import footage, synthetic
 from apbv.attention.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
-from apbv.model.loading import load_model
+from apbv.model.loading import LoadedModel, load_model
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
 from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
@@ -52,7 +58,8 @@ MODEL_OVERRIDES = {
 VIDEO_PIXELS = (4 * 28 * 28, 112 * 112)  # per-frame (min, max): 112x112 frames stay as they are, 16 tokens
 _SEEDS_PER_RUN = 10_000_000  # training seeds of run S: S * _SEEDS_PER_RUN + i (vision clips: the upper half)
 TASK_WEIGHTS = {"color": 1.0, "shape": 1.5, "digit": 1.5, "word": 1.0, "order": 1.0, "count": 1.0}
-MIN_FRAMES = {"order": 8, "count": 16}  # room for 2 and 4 needles; one-needle tasks need the needle's frames
+MIN_FRAMES = {"order": 8, "count": 16}  # room for 2 and 4 needles (needle lengths are drawn to fit the video)
+GREY_SHARE = 0.25  # share of training samples over synthetic grey; the others are over the training footage
 SAMPLE_FPS = (0.1, 8.0)  # default range of the sampled frame rate: it sets the M-RoPE time step, so how many
 # positions a video's tokens span (a long video read at a low rate: thousands)
 
@@ -122,10 +129,16 @@ def frame_range(progress: float, frames: tuple[int, int]) -> tuple[int, int]:
     return lo, max(lo, int(top) // 2 * 2)
 
 
+def training_footage(sample_seed: int) -> str | None:
+    """The background of training sample `sample_seed`: synthetic grey (None) for GREY_SHARE of the seeds, else
+    the training footage; never the held-out footage."""
+    return None if np.random.default_rng([sample_seed, 2]).random() < GREY_SHARE else "train"
+
+
 class TrainingBatches(torch.utils.data.Dataset):
     """Batch `step` of run `seed`, a pure function of (seed, step): samples of one frame count (drawn from the
-    curriculum's range at that step) with tasks drawn by TASK_WEIGHTS, each at a frame rate drawn log-uniformly
-    from `fps`; sample seeds stay below HELD_OUT_SEED."""
+    curriculum's range at that step) with tasks drawn by TASK_WEIGHTS, each over `training_footage` and at a frame
+    rate drawn log-uniformly from `fps`; sample seeds stay below HELD_OUT_SEED."""
 
     def __init__(
         self,
@@ -150,10 +163,9 @@ class TrainingBatches(torch.utils.data.Dataset):
         examples = []
         for j in range(self.batch):
             task = rng.choices(self.tasks, weights=[TASK_WEIGHTS[t] for t in self.tasks])[0]
-            needle_len = 2 if task in ("order", "count") else rng.choice((2, 2, 3, 4))
-            n = max(num_frames, MIN_FRAMES.get(task, needle_len))
-            sample = synthetic.make_sample(self.seed * _SEEDS_PER_RUN + step * self.batch + j, n, FRAME_SIZE, task,
-                                           needle_len)  # fmt: skip
+            seed = self.seed * _SEEDS_PER_RUN + step * self.batch + j
+            n = max(num_frames, MIN_FRAMES.get(task, 0))
+            sample = synthetic.make_sample(seed, n, FRAME_SIZE, task, footage=training_footage(seed))
             fps = math.exp(rng.uniform(math.log(self.fps[0]), math.log(self.fps[1])))
             examples.append(make_example(tokenizer, spec, sample, fps))
         return collate(examples, tokenizer.pad_token_id)
@@ -161,8 +173,8 @@ class TrainingBatches(torch.utils.data.Dataset):
 
 class NeedleClips(torch.utils.data.Dataset):
     """Vision pre-training batch `step` of run `seed`: 2-frame clips (one temporal patch; the needle on one frame
-    or on both, as in videos where a needle's segment straddles temporal patches) cycling through the one-needle
-    `tasks`, with each clip's answer as an index into its task's choices."""
+    or on both, as in videos where a needle's segment straddles temporal patches) over `training_footage`, cycling
+    through the one-needle `tasks`, with each clip's answer as an index into its task's choices."""
 
     def __init__(self, steps: int, batch: int, tasks: tuple[str, ...], seed: int) -> None:
         _check_seed_range(seed, steps * batch)
@@ -177,7 +189,8 @@ class NeedleClips(torch.utils.data.Dataset):
         tasks = tuple(self.tasks[(step * self.batch + j) % len(self.tasks)] for j in range(self.batch))
         for i, task in enumerate(tasks, start=step * self.batch):
             needle_len = 1 + i // len(self.tasks) % 2  # on one frame of the pair, or both
-            sample = synthetic.make_sample(self.first_seed + i, 2, FRAME_SIZE, task, needle_len)
+            seed = self.first_seed + i
+            sample = synthetic.make_sample(seed, 2, FRAME_SIZE, task, needle_len, training_footage(seed))
             clip_pixels, grid = patchify(sample.frames, spec)
             pixels.append(clip_pixels)
             grids.append(grid)
@@ -221,6 +234,7 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
     fixed with --freeze-vision) until --steps or --time-limit. Returns the model and the end-to-end steps taken."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+    footage.library()  # decoded once here (a missing footage fails before any training); forked workers inherit it
     if args.init:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:
@@ -304,27 +318,56 @@ def run_stage(
     return 0
 
 
+Table = dict[str, dict[str, dict[str, float]]]  # held-out set -> row ("64", "256@0.25fps") -> task -> fraction
+EVAL_KEYS = ("held_out_accuracy_dense", "held_out_outside_answer_set")  # training.json's keys of evaluate's tables
+
+
 def evaluate(
-    model_dir: Path, frames: tuple[int, ...], tasks: tuple[str, ...], n: int, fps: float = EVAL_FPS
-) -> dict[str, dict[str, float]]:
-    """Dense greedy exact-match accuracy of the saved checkpoint on n held-out samples per (frames, task),
-    through the engine's path (`apbv.qa.ask`: build_prompt, patchify, generate), the frames read at `fps`. Rows are
-    keyed by the frame count, with "@<fps>fps" added when fps is not the standard EVAL_FPS."""
-    loaded = load_model(str(model_dir), torch.device("cpu"))
-    results: dict[str, dict[str, float]] = {}
-    for num_frames in frames:
-        row = {}
-        for task in tasks:
-            hits = 0
-            for i in range(n):
-                sample = held_out(i, num_frames, task)
-                answer = ask(loaded, as_video(sample, fps), sample.question, AttentionConfig("dense"))
-                hits += answer.text == sample.answer
-            row[task] = hits / n
+    model_dir: Path,
+    frames: tuple[int, ...],
+    tasks: tuple[str, ...],
+    n: int,
+    fps: float = EVAL_FPS,
+    sets: tuple[str, ...] = tuple(synthetic.HELD_OUT_SETS),
+    workers: int = 0,
+) -> tuple[Table, Table]:
+    """Dense greedy exact-match accuracy of the saved checkpoint on n held-out samples per (set, frames, task),
+    through the engine's path (`apbv.qa.ask`: build_prompt, patchify, generate), the frames read at `fps`, and the
+    fraction of answers outside the question's closed set; each (set, frames, task) cell in one of `workers`
+    single-threaded processes (0: all in this process). Rows are keyed by the frame count, with "@<fps>fps" added
+    when fps is not the standard EVAL_FPS."""
+    cells = [(s, f, t) for s in sets for f in frames for t in tasks]
+    score = functools.partial(_score_cell, str(model_dir), n=n, fps=fps)
+    if workers:
+        spawn = multiprocessing.get_context("spawn")  # CUDA may be initialised here; the cells run on CPU
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            scores = list(pool.map(score, *zip(*cells)))
+    else:
+        scores = [score(*cell) for cell in cells]
+    accuracy: Table = {s: {} for s in sets}
+    outside: Table = {s: {} for s in sets}
+    for (held_out_set, num_frames, task), (hits, strays) in zip(cells, scores):
         key = str(num_frames) if fps == EVAL_FPS else f"{num_frames}@{fps:g}fps"
-        results[key] = row
-        print(f"held-out accuracy at {key} frames: {row}", flush=True)
-    return results
+        accuracy[held_out_set].setdefault(key, {})[task] = hits
+        outside[held_out_set].setdefault(key, {})[task] = strays
+        print(f"held-out {held_out_set} at {key} frames, {task}: accuracy {hits:.2f}, outside the answer set "
+              f"{strays:.2f}", flush=True)  # fmt: skip
+    return accuracy, outside
+
+
+@functools.cache
+def _loaded(model_dir: str) -> LoadedModel:
+    return load_model(model_dir, torch.device("cpu"))
+
+
+def _score_cell(model_dir: str, held_out_set: str, num_frames: int, task: str, n: int, fps: float) -> tuple[float, float]:
+    """(accuracy, fraction outside the closed set) of the checkpoint on one cell's n held-out samples."""
+    loaded, right, strays = _loaded(model_dir), 0, 0
+    for i in range(n):
+        sample = held_out(i, num_frames, task, held_out_set)
+        text = ask(loaded, as_video(sample, fps), sample.question, AttentionConfig("dense")).text
+        right, strays = right + (text == sample.answer), strays + (text not in sample.choices)
+    return right / n, strays / n
 
 
 def _range_arg(kind: type, least: float) -> Callable[[str], tuple]:
@@ -341,7 +384,7 @@ def _range_arg(kind: type, least: float) -> Callable[[str], tuple]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the embedded Qwen2.5-VL model on synthetic video QA.")
+    parser = argparse.ArgumentParser(description="Train the embedded Qwen2.5-VL model on needle-in-a-video QA.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
     parser.add_argument("--steps", type=int, default=700, help="optimizer steps end to end")
@@ -359,12 +402,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=synthetic.TASKS, choices=synthetic.TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process")
-    parser.add_argument("--workers", type=int, default=0, help="processes building batches (0: in the trainer)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes building batches, then evaluating (0: in the trainer)")
     parser.add_argument("--time-limit", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-n", type=int, default=40, help="held-out samples per task and frame count")
     parser.add_argument("--eval-frames", type=int, nargs="+", default=(16, 64, 256))
     parser.add_argument("--eval-fps", type=float, default=EVAL_FPS, help="frame rate the held-out videos are read at")
+    parser.add_argument("--eval-sets", nargs="+", default=tuple(synthetic.HELD_OUT_SETS),
+                        choices=synthetic.HELD_OUT_SETS, help="held-out sets: needles over held-out footage, or grey")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the checkpoint at --out and add the accuracy to its training.json")
     args = parser.parse_args(argv)
@@ -372,13 +418,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.vision_steps and not set(args.tasks) & set(synthetic.RETRIEVAL_CHOICES):
         parser.error(f"--vision-steps needs a one-needle task among --tasks ({', '.join(synthetic.RETRIEVAL_CHOICES)})")
     torch.set_num_threads(args.threads)
+    evaluation = functools.partial(evaluate, args.out, tuple(args.eval_frames), args.tasks, args.eval_n,
+                                   args.eval_fps, tuple(args.eval_sets), args.workers)  # fmt: skip
     if args.evaluate_only:
         record_file = args.out / "training.json"
         record = json.loads(record_file.read_text()) if record_file.exists() else {}
-        accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps)
         same_n = record.get("held_out_samples_per_task") == args.eval_n  # rows of another sample count are dropped
-        kept = record.get("held_out_accuracy_dense", {}) if same_n else {}
-        record["held_out_accuracy_dense"] = {**kept, **accuracy}
+        for key, table in zip(EVAL_KEYS, evaluation()):
+            kept = record.get(key, {}) if same_n else {}
+            record[key] = {s: {**kept.get(s, {}), **table.get(s, {})} for s in synthetic.HELD_OUT_SETS
+                           if s in kept or s in table}  # fmt: skip
         record["held_out_samples_per_task"] = args.eval_n
         record_file.write_text(json.dumps(record, indent=2) + "\n")
         return
@@ -387,9 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.time() - start
     save_checkpoint(model.float().cpu(), args.out)
     ProcessorSpec().save_video_config(args.out, *VIDEO_PIXELS)
-    accuracy = {}
-    if args.eval_n:
-        accuracy = evaluate(args.out, tuple(args.eval_frames), args.tasks, args.eval_n, args.eval_fps)
+    tables = evaluation() if args.eval_n else ({}, {})
     record = {
         **environment(torch.device(args.device)),
         "command": "python -m apbv.train " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -397,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         "vision_steps": args.vision_steps,
         "steps": steps,
         "samples": steps * args.batch,
-        "held_out_accuracy_dense": accuracy,
+        "footage": {**footage.record(), "grey_share": GREY_SHARE},
+        **dict(zip(EVAL_KEYS, tables)),
         "held_out_samples_per_task": args.eval_n,
     }
     if args.init and (args.init / "training.json").exists():  # the lineage: how the starting weights were made

@@ -1,6 +1,9 @@
-"""The shipped model (assets/model): loads offline, reads videos at its own size, answers held-out colour, shape,
-digit, word and ordering questions (the tasks it scores >= 95% on) correctly through the engine's job path, dense
-on one rank and APB-V on two gloo processes."""
+"""The shipped model (assets/model): loads offline, reads videos at its own size, answers questions about needles
+drawn over real footage held out from its training (`apbv.footage`): every answer a word of the question's closed
+set, each task at about its accuracy target (issue 16: colour >= 0.95, shape >= 0.90, digit and word >= 0.85,
+order >= 0.9, count >= 0.8), and a held-out video of each retrieval and ordering task right through the engine's
+job path, dense on one rank and APB-V on two gloo processes. The grey set is checked too: real footage must not
+cost the synthetic backgrounds."""
 
 from __future__ import annotations
 
@@ -9,24 +12,48 @@ from pathlib import Path
 import pytest
 import torch
 
+from apbv.attention.config import AttentionConfig
 from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.engine.job import prepare_job, run_job
 from apbv.metrics import MetricsRecorder
 from apbv.model.loading import EMBEDDED_MODEL, default_model_path, load_model
-from apbv.synthetic import FRAME_SIZE, held_out, write_mp4
+from apbv.qa import ask
+from apbv.synthetic import FRAME_SIZE, TASKS, as_video, held_out, write_mp4
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "config.json").exists(), reason="no trained model shipped")
 
 FRAMES = 32
 HELD_OUT_INDEX = 3
+SAMPLES = 20  # held-out videos per task and set in the accuracy test
+LEAST_ACCURACY = {"color": 0.9, "shape": 0.85, "digit": 0.8, "word": 0.8, "order": 0.85, "count": 0.7}  # the
+# targets less about one standard error of 20 samples, so that a model at its target passes
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(None, torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("held_out_set", ("footage", "grey"))
+@pytest.mark.parametrize("task", TASKS)
+def test_held_out_accuracy_and_closed_answers(loaded, task, held_out_set):
+    answers, truths = [], []
+    for i in range(SAMPLES):
+        sample = held_out(i, FRAMES, task, held_out_set)
+        answers.append(ask(loaded, as_video(sample), sample.question, AttentionConfig("dense")).text)
+        truths.append(sample.answer)
+        assert answers[-1] in sample.choices, (i, answers[-1])  # never "gre4" or "ssss"
+    accuracy = sum(a == t for a, t in zip(answers, truths)) / SAMPLES
+    assert accuracy >= LEAST_ACCURACY[task], list(zip(answers, truths))
 
 
 @pytest.fixture(scope="module", params=("color", "shape", "digit", "word", "order"))
 def sample_video(request, tmp_path_factory) -> tuple[Path, str, str]:
-    sample = held_out(HELD_OUT_INDEX, FRAMES, request.param)
+    sample = held_out(HELD_OUT_INDEX, FRAMES, request.param, "footage")
     path = write_mp4(sample.frames, tmp_path_factory.mktemp("embedded") / "needle.mp4", fps=8.0)
     return path, sample.question, sample.answer
 

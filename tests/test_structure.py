@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("apbv.errors", "apbv.metrics", "apbv.config", "apbv.run_record"),
     ("apbv.comm", "apbv.thread_comm", "apbv.video", "apbv.attention"),
-    ("apbv.inputs", "apbv.synthetic"),
+    ("apbv.inputs", "apbv.footage", "apbv.synthetic"),
     ("apbv.model",),
     ("apbv.engine",),
     ("apbv.qa", "apbv.cli", "apbv.__main__"),

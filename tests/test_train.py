@@ -1,17 +1,29 @@
-"""The training script: deterministic batches, a short real run that writes a checkpoint the engine loads."""
+"""The training script: deterministic batches over real footage and grey that never show the held-out footage, a
+short real run that writes a checkpoint the engine loads and records the footage split and the evaluation."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from apbv import synthetic
+from apbv import footage, synthetic
 from apbv.inputs import ProcessorSpec, patchify
-from apbv.model.loading import load_model
-from apbv.synthetic import FRAME_SIZE
-from apbv.train import _SEEDS_PER_RUN, NeedleClips, TrainingBatches, main
+from apbv.model.loading import EMBEDDED_MODEL, load_model
+from apbv.synthetic import FRAME_SIZE, TASKS
+from apbv.train import (
+    _SEEDS_PER_RUN,
+    GREY_SHARE,
+    NeedleClips,
+    TrainingBatches,
+    evaluate,
+    main,
+    make_example,
+    training_footage,
+)
+from tests.footage_tracer import HELD_OUT_TRACER, using_bundle, write_tracer_bundle
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -30,9 +42,11 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 
 def test_labels_cover_only_the_answer_and_its_end_token():
     batch = TrainingBatches(4, 2, (8, 8), ("shape",), seed=0)[0]
+    tokenizer = load_model(None, torch.device("cpu")).tokenizer
     for row, ids in zip(batch.labels, batch.model_kwargs["input_ids"]):
         targets = (row != -100).nonzero().flatten()
-        assert 2 <= len(targets) <= 4 and torch.equal(row[targets], ids[targets])
+        assert torch.equal(row[targets], ids[targets])
+        assert tokenizer.decode(ids[targets]) in {f"{shape}<|im_end|>" for shape in synthetic.SHAPES}
         assert targets.tolist() == list(range(targets[0], targets[0] + len(targets)))  # one contiguous answer
 
 
@@ -61,13 +75,40 @@ def test_needle_clips_are_one_patch_each_with_their_answer():
     assert torch.equal(pixels, again[0]) and torch.equal(labels, again[3])
     assert tasks == ("color", "shape", "digit") * 2 and grid_thw.tolist() == [[1, 8, 8]] * 6
     for j, (task, label) in enumerate(zip(tasks, labels.tolist())):
-        sample = synthetic.make_sample(clips.first_seed + 3 * 6 + j, 2, FRAME_SIZE, task, 1 + (18 + j) // 3 % 2)
+        seed = clips.first_seed + 3 * 6 + j
+        sample = synthetic.make_sample(seed, 2, FRAME_SIZE, task, 1 + (18 + j) // 3 % 2, training_footage(seed))
         assert synthetic.RETRIEVAL_CHOICES[task][label] == sample.answer
         assert torch.equal(pixels[64 * j : 64 * (j + 1)], patchify(sample.frames, ProcessorSpec())[0])
         needle_frames.add(len(sample.needle_frames))
     assert needle_frames == {1, 2}  # the needle on one frame of the temporal patch, or on both
     with pytest.raises(ValueError, match="seeds"):  # more clips than the stage's half of the run's seeds
         NeedleClips(_SEEDS_PER_RUN // 2 + 1, 1, ("color",), seed=1)
+
+
+def test_training_backgrounds_mix_grey_and_training_footage_only():
+    scenes = [training_footage(seed) for seed in range(2000)]
+    assert set(scenes) == {None, "train"} and abs(scenes.count(None) / 2000 - GREY_SHARE) < 0.03
+
+
+def _held_out_rows(pixel_values: torch.Tensor) -> int:
+    """Patch rows showing only the held-out tracer colour (a whole 14x14 x 2-frame patch of it)."""
+    spec = ProcessorSpec()
+    tracer = patchify(np.broadcast_to(np.array(HELD_OUT_TRACER, np.uint8), (2, 28, 28, 3)).copy(), spec)[0][0]
+    return int(((pixel_values - tracer).abs().amax(1) < 0.1).sum())
+
+
+def test_held_out_footage_never_reaches_training_batches(tmp_path, monkeypatch):
+    """With every held-out source replaced by a cyan tracer, no training batch of either stage shows it, while the
+    held-out set does (the check can fail)."""
+    write_tracer_bundle(tmp_path / "tracer.npz")
+    with using_bundle(monkeypatch, tmp_path / "tracer.npz"):
+        batches = TrainingBatches(12, 6, (8, 64), TASKS, seed=4)
+        assert all(_held_out_rows(batches[s].model_kwargs["pixel_values_videos"]) == 0 for s in range(12))
+        clips = NeedleClips(8, 16, ("color", "shape", "digit", "word"), seed=4)
+        assert all(_held_out_rows(clips[s][0]) == 0 for s in range(8))
+        tokenizer, spec = load_model(None, torch.device("cpu")).tokenizer, ProcessorSpec()
+        held_out = [make_example(tokenizer, spec, synthetic.held_out(i, 16, "color"), 2.0) for i in range(3)]
+        assert all(_held_out_rows(e.pixel_values_videos) > 100 for e in held_out)
 
 
 def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
@@ -77,14 +118,20 @@ def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
           "--tasks", "color"])  # fmt: skip
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and record["samples"] == 6 and record["command"].startswith("python -m")
-    assert set(record["held_out_accuracy_dense"]["8"]) == {"color"}
+    assert record["footage"]["split"] == {k: list(v) for k, v in footage.SPLIT.items()}
+    assert record["footage"]["digest"] == footage.digest(footage.footage_files())
+    for key in ("held_out_accuracy_dense", "held_out_outside_answer_set"):
+        assert set(record[key]) == {"footage", "grey"} and set(record[key]["footage"]["8"]) == {"color"}
+        assert record[key]["grey"]["8"]["color"] in (0.0, 1.0)
     loaded = load_model(str(out), torch.device("cpu"))
     assert dict(loaded.spec.read_pixels)["max_pixels"] == FRAME_SIZE[0] * FRAME_SIZE[1]
 
     main(["--out", str(out), "--evaluate-only", "--eval-n", "1", "--eval-frames", "6", "--eval-fps", "0.5",
-          "--tasks", "color", "word", "--threads", "1"])  # fmt: skip
-    accuracy = json.loads((out / "training.json").read_text())["held_out_accuracy_dense"]
-    assert set(accuracy) == {"8", "6@0.5fps"} and set(accuracy["6@0.5fps"]) == {"color", "word"}
+          "--tasks", "color", "word", "--eval-sets", "footage", "--threads", "1"])  # fmt: skip
+    record = json.loads((out / "training.json").read_text())
+    accuracy, outside = record["held_out_accuracy_dense"], record["held_out_outside_answer_set"]
+    assert set(accuracy["footage"]) == {"8", "6@0.5fps"} and set(accuracy["grey"]) == {"8"}
+    assert set(accuracy["footage"]["6@0.5fps"]) == {"color", "word"} == set(outside["footage"]["6@0.5fps"])
 
 
 def test_continued_run_with_frozen_vision_keeps_the_vision_tower_and_records_its_lineage(tmp_path):
@@ -104,3 +151,14 @@ def test_vision_pretraining_without_a_one_needle_task_is_refused(tmp_path, capsy
         main(["--out", str(tmp_path / "m"), "--vision-steps", "2", "--tasks", "order", "count"])
     assert "--vision-steps needs a one-needle task" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_evaluation_in_worker_processes_matches_in_process():
+    args = (EMBEDDED_MODEL, (8, 16), ("color", "order"), 2, 2.0, ("footage", "grey"))
+    accuracy, outside = evaluate(*args, workers=2)
+    assert (accuracy, outside) == evaluate(*args, workers=0)
+    assert set(accuracy) == {"footage", "grey"} and set(accuracy["grey"]) == {"8", "16"}
+    assert all(0 <= v <= 1 for table in (accuracy, outside) for rows in table.values() for row in rows.values()
+               for v in row.values())  # fmt: skip

@@ -2,9 +2,10 @@
 
     python -m apbv.bench.fidelity [--model assets/model] [--frames 64 128 256] [--world-sizes 2 4 8]
         [--passing-ratios 0 1/128 1/32 1/8 1] [--aligns 128 16] [--n 10] [--tasks color shape digit word order count]
-        [--out bench/results/fidelity-cpu.json]
+        [--sets footage grey] [--out bench/results/fidelity-cpu.json]
 
-On held-out synthetic videos (seeds of `apbv.synthetic.held_out`, disjoint from training), every strategy runs on W
+On held-out videos (`apbv.synthetic.held_out`: seeds disjoint from training; per --sets, needles over the held-out
+real footage, never used in training, or over synthetic grey), every strategy runs on W
 thread-ranks in this process (`apbv.qa.ask`: real strategy code and collectives, ranks taking turns) and is
 compared with dense on the same prompt: answer agreement, accuracy against the ground truth, KL(dense || strategy)
 of the first-token distribution, the relative error of every layer's attention output (all prompt rows, and
@@ -89,28 +90,32 @@ def run(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model, torch.device("cpu"))
     grid = settings(args.world_sizes, args.aligns, args.passing_ratios)
     rows = []
-    for num_frames in args.frames:
-        per_setting: dict[Setting, list[dict]] = defaultdict(list)
-        dense_correct, n_context = [], 0
-        for i in range(args.n):
-            task = args.tasks[i % len(args.tasks)]
-            sample = held_out(args.offset + i, num_frames, task)
-            video = as_video(sample, EVAL_FPS)
-            dense = ask(loaded, video, sample.question, AttentionConfig("dense"), record_layers=True)
-            dense_correct.append(dense.text == sample.answer)
-            n_context = dense.prompt.n_context
-            for s in grid:
-                other = ask(loaded, video, sample.question, s.config, s.world_size, record_layers=True)
-                per_setting[s].append(compare(dense, other, sample.answer))
-        print(f"{num_frames} frames: dense accuracy {np.mean(dense_correct):.3f}", flush=True)
-        for s, records in per_setting.items():
-            rows.append(_summary(num_frames, n_context, s, records, float(np.mean(dense_correct))))
+    for held_out_set in args.sets:
+        for num_frames in args.frames:
+            per_setting: dict[Setting, list[dict]] = defaultdict(list)
+            dense_correct, n_context = [], 0
+            for i in range(args.n):
+                task = args.tasks[i % len(args.tasks)]
+                sample = held_out(args.offset + i, num_frames, task, held_out_set)
+                video = as_video(sample, EVAL_FPS)
+                dense = ask(loaded, video, sample.question, AttentionConfig("dense"), record_layers=True)
+                dense_correct.append(dense.text == sample.answer)
+                n_context = dense.prompt.n_context
+                for s in grid:
+                    other = ask(loaded, video, sample.question, s.config, s.world_size, record_layers=True)
+                    per_setting[s].append(compare(dense, other, sample.answer))
+            accuracy = float(np.mean(dense_correct))
+            print(f"{held_out_set}, {num_frames} frames: dense accuracy {accuracy:.3f}", flush=True)
+            rows += [_summary(held_out_set, num_frames, n_context, s, r, accuracy) for s, r in per_setting.items()]
     return {"meta": _meta(args), "rows": rows}
 
 
-def _summary(num_frames: int, n_context: int, s: Setting, records: list[dict], dense_accuracy: float) -> dict:
+def _summary(
+    held_out_set: str, num_frames: int, n_context: int, s: Setting, records: list[dict], dense_accuracy: float
+) -> dict:
     config = s.config
     return {
+        "set": held_out_set,
         "frames": num_frames,
         "n_context": n_context,
         **asdict(s),
@@ -156,12 +161,13 @@ def _meta(args: argparse.Namespace) -> dict:
         "ranks": "W thread-ranks in one process (apbv.thread_comm), real strategy code and collectives",
         "sample_fps": EVAL_FPS,
         "tasks": list(args.tasks),
+        "sets": list(args.sets),
         "held_out_offset": args.offset,
     }
 
 
 def to_markdown(result: dict) -> str:
-    """A table per frame count: one line per setting."""
+    """A table per held-out set and frame count: one line per setting."""
     meta = result["meta"]
     lines = [
         "# Fidelity vs dense attention",
@@ -174,11 +180,11 @@ def to_markdown(result: dict) -> str:
         "||out - dense|| / ||dense|| of the last layer's attention output (all prompt rows / query rows); "
         "pairs: prefill attention (row, key) pairs over all ranks relative to dense.",
     ]
-    for frames in sorted({r["frames"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["frames"] == frames]
+    for held_out_set, frames in dict.fromkeys((r["set"], r["frames"]) for r in result["rows"]):
+        rows = [r for r in result["rows"] if (r["set"], r["frames"]) == (held_out_set, frames)]
         lines += [
             "",
-            f"## {frames} frames (N = {rows[0]['n_context']} context tokens, n = {rows[0]['n']}, "
+            f"## {held_out_set}: {frames} frames (N = {rows[0]['n_context']} context tokens, n = {rows[0]['n']}, "
             f"dense accuracy {rows[0]['dense_accuracy']:.2f})",
             "",
             "| W | strategy | align | passing | A | P | agree | acc | KL mean | KL max | rel err | rel err query | pairs |",
@@ -209,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--aligns", type=int, nargs="+", default=[128, 16])
     parser.add_argument("--n", type=int, default=10, help="held-out samples per frame count")
     parser.add_argument("--tasks", nargs="+", default=list(synthetic.TASKS), choices=synthetic.TASKS)
+    parser.add_argument("--sets", nargs="+", default=list(synthetic.HELD_OUT_SETS), choices=synthetic.HELD_OUT_SETS,
+                        help="held-out sets: needles over the held-out real footage, or over synthetic grey")
     parser.add_argument("--offset", type=int, default=100_000, help="first held-out sample index")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (a .md table is written next to it)")
