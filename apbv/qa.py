@@ -19,9 +19,9 @@ from apbv.comm import Comm
 from apbv.engine.job import build_header, run_job
 from apbv.inputs import Prompt, build_prompt, shard_frames
 from apbv.metrics import MetricsRecorder
-from apbv.model.generate import SamplingParams
 from apbv.model.loading import LoadedModel
 from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.model.sampling import SamplingParams
 from apbv.thread_comm import ThreadWorld
 from apbv.video import SampledVideo
 

@@ -72,7 +72,7 @@ def _answer(rank: int, world_size: int, video: str, question: str, strategy: str
     loaded = load_model(None, torch.device("cpu"))
     request = Request(video, question, strategy=strategy, world_size=world_size, num_frames=FRAMES, max_new_tokens=8)
     metrics = MetricsRecorder(rank, torch.device("cpu"))
-    header = prepare_job("t", request, world_size, loaded.tokenizer, loaded.spec, Limits(), loaded.stop_ids, metrics)
+    header = prepare_job("t", request, world_size, loaded, Limits(), metrics)
     assert header.video.size == FRAME_SIZE  # read at the model's size, not upsampled to 336x336
     comm = Comm.single() if world_size == 1 else Comm()
     ids = list(run_job(header, loaded.rank_model, loaded.spec, comm, metrics, lambda: False))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from apbv.attention import get_strategy
 from apbv.attention.config import AttentionConfig
@@ -32,8 +32,9 @@ from apbv.inputs import (
     video_shard,
 )
 from apbv.metrics import NullRecorder
-from apbv.model.generate import SamplingParams, generate, sample_token
+from apbv.model.generate import generate
 from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.model.sampling import Sampler, SamplingParams
 from apbv.synthetic import make_sample
 from apbv.video import SampledVideo
 
@@ -49,8 +50,8 @@ VISION_TOL = 1e-5  # float32 vision tower on fewer frames per call: only GEMM sh
 RANK_TIMEOUT_S = 150.0
 
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
-SAMPLED = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.9, top_p=0.8, seed=3)
-NUCLEUS_OF_ONE = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=5)
+SAMPLED = SamplingParams(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=0.9, top_p=0.8, seed=3)
+NUCLEUS_OF_ONE = SamplingParams(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, top_p=1e-6, seed=5)
 
 
 def _config(strategy: str, **kw) -> AttentionConfig:
@@ -241,13 +242,40 @@ def test_nucleus_of_one_token_is_greedy(ranks, single):
     assert all(r["runs"]["nucleus_of_one"].tokens == single.tokens for r in ranks)
 
 
-def test_sample_token_follows_the_distribution():
+def _draws(params: SamplingParams, logits: torch.Tensor, n: int = 2000) -> np.ndarray:
+    """One token from each of n samplers seeded 0..n-1: the frequencies of each token."""
+    prompt = torch.zeros(1, dtype=torch.long)
+    draws = [Sampler(replace(params, seed=i), prompt)(logits) for i in range(n)]
+    return np.bincount(draws, minlength=logits.numel()) / n
+
+
+def test_sampler_follows_the_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    params = SamplingParams(temperature=1.0, seed=0)
-    draws = [sample_token(logits, params, torch.Generator().manual_seed(i)) for i in range(2000)]
-    freq = np.bincount(draws, minlength=4) / len(draws)
-    assert np.allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.04)  # 4 sigma of a 2000-draw binomial
-    nucleus = replace(params, top_p=0.7)  # keeps {0, 1}: 0.5 < 0.7 <= 0.8, renormalised to 5/8, 3/8
-    draws = [sample_token(logits, nucleus, torch.Generator().manual_seed(i)) for i in range(2000)]
-    freq = np.bincount(draws, minlength=4) / len(draws)
-    assert np.allclose(freq, [0.625, 0.375, 0, 0], atol=0.04)
+    params = SamplingParams(do_sample=True)
+    assert np.allclose(_draws(params, logits), [0.5, 0.3, 0.15, 0.05], atol=0.04)  # 4 sigma of 2000 draws
+    # top-p 0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8), renormalised to 5/8, 3/8; top-k 1 keeps the best only
+    assert np.allclose(_draws(replace(params, top_p=0.7), logits), [0.625, 0.375, 0, 0], atol=0.04)
+    assert np.array_equal(_draws(replace(params, top_k=1), logits, 50), [1, 0, 0, 0])
+
+
+def test_checkpoint_generation_config_with_request_overrides():
+    config = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05)
+    from_checkpoint = SamplingParams.resolve(config, (7,), max_new_tokens=5)
+    assert (from_checkpoint.do_sample, from_checkpoint.temperature, from_checkpoint.top_p) == (True, 0.1, 0.001)
+    assert (from_checkpoint.top_k, from_checkpoint.repetition_penalty, from_checkpoint.stop_ids) == (1, 1.05, (7,))
+    greedy = SamplingParams.resolve(config, (7,), 5, temperature=0.0, repetition_penalty=1.0)
+    assert not greedy.do_sample and greedy.repetition_penalty == 1.0
+    plain = SamplingParams.resolve(GenerationConfig(), (), 5)
+    assert (plain.do_sample, plain.top_p, plain.repetition_penalty) == (False, 1.0, 1.0)
+
+
+def test_repetition_penalty_gives_transformers_generate_tokens(reference, prepared, frames, tiny_dir):
+    """Greedy with a repetition penalty: the engine's dense decode gives exactly transformers' generate tokens."""
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
+    model, comm = _load(str(tiny_dir)), Comm.single()
+    shard = _shard(frames, ProcessorSpec.from_pretrained(tiny_dir), comm)
+    ours = _generate(model, prepared, shard, _config("dense"), comm, params).tokens
+    with torch.inference_mode():
+        theirs = reference.generate(**prepared.model_kwargs(), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    repetition_penalty=1.5, eos_token_id=None, min_new_tokens=NEW_TOKENS)  # fmt: skip
+    assert ours == theirs[0, prepared.input_ids.numel() :].tolist()

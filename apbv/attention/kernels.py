@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _MATH_ELEMENTS = 1 << 26  # score elements per step of the plain-math path (bounds its memory)
+DECODE_ROWS = 16  # calls with at most this many query rows (decode steps) prefer kernels without per-shape plans
 
 # (backend, dtype, q/k shapes, causal) -> False once a backend refused exactly such a call (not tried again for
 # that call shape; other shapes still try it: kernels refuse some lengths or head counts but not others)
@@ -105,14 +106,14 @@ Backend = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 def _backends(q: Tensor) -> list[tuple[str, Backend]]:
     if q.device.type == "cuda" and q.dtype in _FAST_DTYPES:
         # native GQA first; if a kernel refuses it, the same kernel with KV repeated to Hq heads
-        found: list[tuple[str, Backend]] = [
+        cudnn: list[tuple[str, Backend]] = [
             ("cudnn_gqa", partial(_sdpa_cudnn, expand=False)),
             ("cudnn", partial(_sdpa_cudnn, expand=True)),
         ]
-        if _flash_attn_func is not None:
-            found.append(("flash_attn", _flash_attn))
-        found += [("sdpa_flash_gqa", partial(_sdpa_flash, expand=False)), ("sdpa_flash", partial(_sdpa_flash, expand=True))]
-        return found
+        flash: list[tuple[str, Backend]] = [("flash_attn", _flash_attn)] if _flash_attn_func is not None else []
+        flash += [("sdpa_flash_gqa", partial(_sdpa_flash, expand=False)), ("sdpa_flash", partial(_sdpa_flash, expand=True))]
+        # decode rows: cuDNN builds an execution plan per new key length (~100 ms); flash kernels need none
+        return flash + cudnn if q.shape[1] <= DECODE_ROWS else cudnn + flash
     if q.device.type == "cpu":
         return [("cpu_flash", _cpu_flash)]
     return []

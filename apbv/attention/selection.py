@@ -23,9 +23,17 @@ def block_scores(k_block: Tensor, qbar: Tensor, pool_kernel: int) -> Tensor:
 
 
 def top_indices(scores: Tensor, count: int) -> Tensor:
-    """(Hkv, count) indices of the largest scores per row; ties go to the earlier position (deterministic)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :count]
+    """(Hkv, count) indices of the largest scores per row, ascending; ties at the cut go to the earlier positions
+    (deterministic: max-pooled scores tie often). No full sort and no host synchronisation: one top-k finds each
+    row's cut-off score, a second picks the kept positions (all above the cut, then the earliest at it)."""
+    if count == 0:
+        return scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+    cut = torch.topk(scores, count, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = scores > cut
+    at_cut = (scores == cut) & (torch.cumsum(scores == cut, dim=1) <= count - above.sum(dim=1, keepdim=True))
+    positions = torch.arange(scores.shape[1], device=scores.device, dtype=torch.float32)
+    keys = torch.where(above | at_cut, -positions, -torch.inf)  # kept ones, earliest first
+    return torch.topk(keys, count, dim=1).indices
 
 
 def select_kv(k_block: Tensor, v_block: Tensor, qbar: Tensor, count: int, pool_kernel: int) -> Tensor:

@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,8 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         for _ in range(args.repeats):
             counters = world.run(layer)
             times.append(list(world.busy))
+        if args.profile:
+            _profile(world, layer, f"{args.profile}-{name}-w{world_size}.txt")
     per_rank = [statistics.median(t[r] for t in times) for r in range(world_size)]
     pairs = [c.get("attn_pairs", 0.0) for c in counters]
     return Row(
@@ -83,6 +86,20 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
     )
 
 
+def _profile(world, layer, path: str) -> None:
+    """One more run under torch.profiler: the operators and kernels by device time, and how many were launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        world.run(layer)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    table = events.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                         row_limit=30)  # fmt: skip
+    Path(path).write_text(f"kernel launches (all ranks): {launches}\n{table}\n")
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, required=True, help="context length N")
@@ -97,6 +114,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path")
+    p.add_argument("--profile", metavar="PREFIX", help="also profile one run per strategy: PREFIX-NAME-wW.txt")
     args = p.parse_args(argv)
     with bench_device(args.device) as device:
         return run(args, device)

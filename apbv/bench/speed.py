@@ -20,6 +20,7 @@ stage times, attention pairs and bytes sent to the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -40,8 +41,9 @@ from apbv.inputs import (
     video_shard,
 )
 from apbv.metrics import ATTENTION, COMM_WAIT, OTHER_LAYERS, VISION, MetricsRecorder, balance
-from apbv.model.generate import SamplingParams, generate
+from apbv.model.generate import generate
 from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.model.sampling import SamplingParams
 from apbv.model.tiny import build_tokenizer
 from apbv.run_record import environment
 from apbv.video import synthetic_video
@@ -146,7 +148,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
             rows += point_rows
     if args.out and report:
         _output(args.out, ".md").write_text(to_markdown(meta, rows))
-        speedup_figure(rows).write_html(_output(args.out, ".html"), include_plotlyjs="cdn")
+        if importlib.util.find_spec("plotly") is not None:  # optional where it is not installed (GPU images)
+            speedup_figure(rows).write_html(_output(args.out, ".html"), include_plotlyjs="cdn")
     return rows
 
 

@@ -42,8 +42,10 @@ class Request:
     max_pixels: int | None = None
     uncapped_pixels: bool = False
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    temperature: float | None = None  # None: the checkpoint's generation config; 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     seed: int = 0
     anchor_ratio: float | None = None
     passing_ratio: float | None = None
@@ -73,8 +75,11 @@ class Request:
             raise InputError(f"fps must be > 0, got {self.fps}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise InputError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
-            raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+        sampling = {"temperature": (self.temperature, 0, None), "top_p": (self.top_p, 1e-9, 1),
+                    "top_k": (self.top_k, 0, None), "repetition_penalty": (self.repetition_penalty, 1e-9, None)}  # fmt: skip
+        for name, (value, low, high) in sampling.items():
+            if value is not None and not (low <= value and (high is None or value <= high)):
+                raise InputError(f"{name} must be within [{low}, {high if high is not None else 'inf'}], got {value}")
         for name in ("anchor_ratio", "passing_ratio"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:

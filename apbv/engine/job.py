@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase
 
 from apbv.attention.base import Strategy
 from apbv.attention.config import AttentionConfig
@@ -25,8 +24,10 @@ from apbv.engine.api import Request
 from apbv.errors import TooFewFrames
 from apbv.inputs import ProcessorSpec, Prompt, build_prompt, temporal_shards
 from apbv.metrics import READ, MetricsRecorder
-from apbv.model.generate import SamplingParams, generate
+from apbv.model.generate import generate
+from apbv.model.loading import LoadedModel
 from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.model.sampling import SamplingParams
 from apbv.video import VideoPlan, plan_video
 
 from .video_cache import VideoCache
@@ -98,14 +99,14 @@ def prepare_job(
     request_id: str,
     request: Request,
     world_size: int,
-    tokenizer: PreTrainedTokenizerBase,
-    spec: ProcessorSpec,
+    loaded: LoadedModel,
     limits: Limits,
-    stop_ids: tuple[int, ...],
     metrics: MetricsRecorder,
 ) -> JobHeader:
-    """Rank 0: plan the video and build the header of a checked request (`Request.check`) on world_size ranks;
-    raises InputError subclasses for bad videos and requests too large or too short for the ranks."""
+    """Rank 0: plan the video and build the header of a checked request (`Request.check`) on world_size ranks, with
+    the sampling of the model's generation config and the request's overrides; raises InputError subclasses for bad
+    videos and requests too large or too short for the ranks."""
+    tokenizer, spec = loaded.tokenizer, loaded.spec
     with metrics.span("read"), metrics.timed(READ):
         video = plan_video(
             request.video_path,
@@ -119,13 +120,10 @@ def prepare_job(
         prompt = build_prompt(tokenizer, video, request.question, spec, limits.max_prompt_tokens, request.history)
     if request.allow_fewer_ranks:
         world_size = min(world_size, int(prompt.video_grid_thw[0, 0]))
-    sampling = SamplingParams(
-        max_new_tokens=request.max_new_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        stop_ids=stop_ids,
-    )
+    sampling = SamplingParams.resolve(
+        loaded.generation_config, loaded.stop_ids, request.max_new_tokens, request.seed, request.temperature,
+        request.top_p, request.top_k, request.repetition_penalty,
+    )  # fmt: skip
     attention = attention_config(request)
     return build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)
 

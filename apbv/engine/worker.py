@@ -186,9 +186,7 @@ def _next_job(
         metrics = MetricsRecorder(0, device, on_span=lambda name: channel.send(request_id, "stage", {"name": name}))
         try:
             w = request.check(world_size, limits)
-            header = prepare_job(
-                request_id, request, w, loaded.tokenizer, loaded.spec, limits, loaded.stop_ids, metrics
-            )
+            header = prepare_job(request_id, request, w, loaded, limits, metrics)
         except ApbvError as err:
             channel.send(request_id, "error", {"code": err.code, "message": str(err)})
             continue

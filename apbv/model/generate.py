@@ -6,7 +6,6 @@ prompt token) samples each token and broadcasts it, so all ranks stay in lock-st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -25,27 +24,7 @@ from apbv.metrics import (
 )
 from apbv.model.cache import ShardedKVCache
 from apbv.model.qwen2_5_vl import QwenVLRank
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    stop_ids: tuple[int, ...] = ()
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+from apbv.model.sampling import Sampler, SamplingParams
 
 
 def generate(
@@ -68,11 +47,11 @@ def generate(
     is_tail = comm.rank == plan.tail_rank
     positions = rank_model.global_positions(prompt)
     cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    sampler = Sampler(sampling, prompt.input_ids) if is_tail else None
 
     def next_token(hidden: torch.Tensor | None, recorder: MetricsRecorder) -> int:
         """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max)."""
-        chosen = sample_token(rank_model.logits(hidden), sampling, generator) if is_tail else -1
+        chosen = sampler(rank_model.logits(hidden)) if is_tail else -1
         stop = int(comm.rank == 0 and should_stop())
         token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), recorder).tolist()
         if stop:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from apbv.inputs import ProcessorSpec
 from apbv.model.qwen2_5_vl import QwenVLRank
@@ -25,6 +25,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ProcessorSpec
     stop_ids: tuple[int, ...]
+    generation_config: GenerationConfig
 
 
 def default_model_path() -> Path:
@@ -51,13 +52,20 @@ def load_model(name_or_path: str | None, device: torch.device) -> LoadedModel:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    stop_ids = tuple(
-        i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0
-    )
+    generation = model.generation_config
     return LoadedModel(
         name=name_or_path or "embedded",
         rank_model=QwenVLRank(model),
         tokenizer=tokenizer,
         spec=ProcessorSpec.from_pretrained(path),
-        stop_ids=stop_ids,
+        stop_ids=stop_ids(generation, tokenizer),
+        generation_config=generation,
     )
+
+
+def stop_ids(generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens that end an answer: the generation config's eos ids, the tokenizer's eos and <|im_end|>."""
+    eos = generation.eos_token_id
+    found = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id,
+             tokenizer.convert_tokens_to_ids("<|im_end|>")]  # fmt: skip
+    return tuple(sorted({i for i in found if isinstance(i, int) and i >= 0}))

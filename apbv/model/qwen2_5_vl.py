@@ -16,12 +16,13 @@ import torch
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 
 from apbv.attention.base import SequencePlan, Strategy
-from apbv.attention.decode import distributed_attention
 from apbv.comm import Comm
 from apbv.inputs import Prompt
 from apbv.metrics import VISION, MetricsRecorder
 from apbv.model.cache import ShardedKVCache
+from apbv.model.decode_step import DecodeStep
 from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
+from apbv.model.vision_tuning import compile_blocks, pad_mlp_widths
 
 ATTN_IMPLEMENTATION = "apbv_sequence_parallel"
 
@@ -71,14 +72,20 @@ def merged_vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw
 class QwenVLRank:
     """One rank's view of a Qwen2.5-VL model: frame-parallel vision, sharded prefill, distributed decode."""
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration) -> None:
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, compile_vision: bool = False) -> None:
+        """compile_vision: torch.compile the vision blocks' norms and MLPs (GPUs; a one-time warm-up). The vision
+        MLPs are always padded to aligned widths (exact; `vision_tuning`)."""
         self.model = model.eval()
         use_sequence_parallel_attention(model)
+        pad_mlp_widths(model.model.visual)
+        if compile_vision:
+            compile_blocks(model.model.visual)
         self.text = model.model.language_model
         self.visual = model.model.visual
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self._decode = DecodeStep(self.text)
 
     @property
     def num_layers(self) -> int:
@@ -169,7 +176,6 @@ class QwenVLRank:
         hidden[local_video] = video_embeds[video_index[rows][local_video]].to(hidden.dtype)
         return hidden[None]
 
-    @torch.inference_mode()
     def decode_step(
         self,
         token_id: int,
@@ -180,20 +186,7 @@ class QwenVLRank:
         is_tail: bool,
     ) -> torch.Tensor:
         """One decode token on every rank: exact attention over the sharded cache. Returns final hidden (H,)."""
-        hidden = self.text.embed_tokens(torch.tensor([[token_id]], device=self.device))
-        pos = torch.full((3, 1, 1), position, device=self.device, dtype=torch.long)
-        cos_sin = self.text.rotary_emb(hidden, pos)
-
-        def route(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if is_tail:
-                cache.append(layer_idx, k, v)
-            keys, values = cache.get(layer_idx)
-            return distributed_attention(q, keys, values, comm, metrics)
-
-        with _route(route):
-            for layer in self.text.layers:
-                hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)
-        return self.text.norm(hidden[:, -1])[0]
+        return self._decode(token_id, position, comm, metrics, cache, is_tail)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

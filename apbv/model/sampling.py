@@ -1,0 +1,96 @@
+"""Choosing each next token the way transformers' `generate` does: the checkpoint's generation config, a request's
+overrides on top, transformers' own logits processors (repetition penalty, temperature, top-k, top-p).
+
+`SamplingParams` is what travels to the ranks (plain values); `Sampler` applies it on the rank that samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. do_sample False: greedy (after the repetition penalty, as transformers does)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+    @staticmethod
+    def resolve(
+        config: GenerationConfig,
+        stop_ids: tuple[int, ...],
+        max_new_tokens: int,
+        seed: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+    ) -> SamplingParams:
+        """The checkpoint's generation config with a request's overrides (None: the checkpoint's value); a given
+        temperature of 0 means greedy, any other given temperature samples."""
+        do_sample = bool(config.do_sample) if temperature is None else temperature > 0
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=float(temperature or config.temperature or 1.0),
+            top_p=float(_given(top_p, config.top_p, 1.0)),
+            top_k=int(_given(top_k, config.top_k, 0)),
+            repetition_penalty=float(_given(repetition_penalty, config.repetition_penalty, 1.0)),
+            seed=seed,
+            stop_ids=stop_ids,
+        )
+
+
+def _given(request_value: float | None, config_value: float | None, neutral: float) -> float:
+    """The request's value, else the checkpoint's, else the neutral one."""
+    if request_value is not None:
+        return request_value
+    return neutral if config_value is None else config_value
+
+
+class Sampler:
+    """Picks tokens for one request: transformers' logits processors over the ids so far, then greedy or a draw from
+    a generator seeded with `params.seed` (the same tokens on every device)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor) -> None:
+        self.params = params
+        self.ids = prompt_ids.detach().to("cpu", torch.long).reshape(1, -1)
+        processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.do_sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        self.processors = processors
+        self.generator = torch.Generator().manual_seed(params.seed) if params.do_sample else None
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token for `logits` (V,); it joins the ids the repetition penalty sees."""
+        scores = self.processors(self.ids.to(logits.device), logits.float()[None])[0]
+        if self.params.do_sample:
+            token = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=self.generator))
+        else:
+            token = int(torch.argmax(scores))
+        self.ids = torch.cat([self.ids, torch.tensor([[token]])], dim=1)
+        return token
