@@ -8,27 +8,30 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 RANKS=${RANKS:-8} ARCH=${ARCH:-qwen2.5-vl-3b} STEPS=${STEPS:-tests decode vision e2e speed profile}
-quiet() { grep -v "Loading\|Warn\|OMP_NUM_THREADS\|\*\*\*\*\|it/s\]"; }
-step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" 2>&1 | quiet | tee "$OUT/$name.log"; }
+quiet() { grep --line-buffered -v "Loading\|Warn\|OMP_NUM_THREADS\|\*\*\*\*\|it/s\]"; }
+step() {  # NAME LIMIT_S COMMAND...: run it, stop it at its limit (killed 5 s later if it does not stop), log it
+  local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
+  timeout -k 5 "$limit" "$@" 2>&1 | quiet | tee "$OUT/$name.log"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-[[ $STEPS == *tests* ]] && step kernels_cuda 90 python3 -m pytest -q -p no:cacheprovider --noconftest \
+[[ $STEPS == *tests* ]] && step kernels_cuda 45 python3 -m pytest -q -p no:cacheprovider --noconftest \
   tests/test_kernels_cuda.py tests/test_vision_attention.py tests/test_decode_cuda.py
-[[ $STEPS == *decode* ]] && step decode 110 python3 -m apbv.bench.decode --arch "$ARCH" --contexts 1024 16384 131072 \
-  --world-sizes 1 2 --out "$OUT/decode.json"
-[[ $STEPS == *vision* ]] && step vision 100 python3 -m apbv.bench.vision --arch "$ARCH" --resolution 1440p --frames 8 \
-  --out "$OUT/vision.json"
 if [[ $STEPS == *e2e* ]]; then
-  step e2e-default 120 python3 -m apbv.bench.e2e --arch "$ARCH" --videos 1440p:40:10 --frames 64 --world-size "$RANKS" \
+  step e2e-default 100 python3 -m apbv.bench.e2e --arch "$ARCH" --videos 1440p:40:10 --frames 64 --world-size "$RANKS" \
     --strategies dense,apbv --transformers --warmup 1 --repeats 1 --out "$OUT/e2e-$ARCH-default"
-  step e2e-1440p 160 python3 -m apbv.bench.e2e --arch "$ARCH" --videos ${E2E_VIDEOS:-1440p:40:10} --frames 64 \
+  step e2e-1440p 110 python3 -m apbv.bench.e2e --arch "$ARCH" --videos ${E2E_VIDEOS:-1440p:40:10} --frames 64 \
     --world-size "$RANKS" --strategies dense,apbv --max-pixels 3686400 --uncapped --warmup 1 --repeats 1 \
     --out "$OUT/e2e-$ARCH-1440p"
 fi
-[[ $STEPS == *speed* ]] && step speed-short 150 python3 -m apbv.bench.speed --arch "$ARCH" --resolutions 360p 720p \
-  --frames 16 64 --world-size "$RANKS" --strategies dense,apb,apbv --warmup 1 --repeats 3 --out "$OUT/speed-$ARCH-short"
+[[ $STEPS == *decode* ]] && step decode 80 python3 -m apbv.bench.decode --arch "$ARCH" --contexts 1024 16384 131072 \
+  --repeats 2 --out "$OUT/decode.json"
+[[ $STEPS == *vision* ]] && step vision 50 python3 -m apbv.bench.vision --arch "$ARCH" --resolution 1440p --frames 8 \
+  --repeats 3 --out "$OUT/vision.json"
+[[ $STEPS == *speed* ]] && step speed-short 70 python3 -m apbv.bench.speed --arch "$ARCH" --resolutions 360p \
+  --frames 16 64 --world-size "$RANKS" --strategies dense,apb,apbv --warmup 1 --repeats 2 --out "$OUT/speed-$ARCH-short"
 if [[ $STEPS == *profile* ]]; then
   for tokens in 9600 148480; do
-    step "attention-$tokens" 90 python3 -m apbv.bench.attention --tokens "$tokens" --world-size "$RANKS" --device cuda \
+    step "attention-$tokens" 60 python3 -m apbv.bench.attention --tokens "$tokens" --world-size "$RANKS" --device cuda \
       --dtype bf16 --repeats 5 --strategies dense,apb,apbv --json "$OUT/attention-$tokens-w$RANKS.json" \
       --profile "$OUT/profile-$tokens"
   done

@@ -14,6 +14,7 @@ from apbv.model.tiny import tiny_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@torch.inference_mode()
 def test_graph_decode_equals_eager_decode_token_for_token():
     from transformers import Qwen2_5_VLForConditionalGeneration
 

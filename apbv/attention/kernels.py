@@ -103,20 +103,13 @@ def _full(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -
 Backend = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 
 
-def _backends(q: Tensor) -> list[tuple[str, Backend]]:
+def _backends(q: Tensor) -> tuple[tuple[str, Backend], ...]:
     if q.device.type == "cuda" and q.dtype in _FAST_DTYPES:
-        # native GQA first; if a kernel refuses it, the same kernel with KV repeated to Hq heads
-        cudnn: list[tuple[str, Backend]] = [
-            ("cudnn_gqa", partial(_sdpa_cudnn, expand=False)),
-            ("cudnn", partial(_sdpa_cudnn, expand=True)),
-        ]
-        flash: list[tuple[str, Backend]] = [("flash_attn", _flash_attn)] if _flash_attn_func is not None else []
-        flash += [("sdpa_flash_gqa", partial(_sdpa_flash, expand=False)), ("sdpa_flash", partial(_sdpa_flash, expand=True))]
         # decode rows: cuDNN builds an execution plan per new key length (~100 ms); flash kernels need none
-        return flash + cudnn if q.shape[1] <= DECODE_ROWS else cudnn + flash
+        return _CUDA_DECODE if q.shape[1] <= DECODE_ROWS else _CUDA_PREFILL
     if q.device.type == "cpu":
-        return [("cpu_flash", _cpu_flash)]
-    return []
+        return _CPU
+    return ()
 
 
 def _batched(q: Tensor, k: Tensor, v: Tensor, expand: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,6 +143,20 @@ def _flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> 
     qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out, lse, _ = _flash_attn_func(qb, kb, vb, 0.0, scale, causal, return_attn_probs=True)
     return out[0].transpose(0, 1), lse[0]
+
+
+# native GQA first; if a kernel refuses it, the same kernel with KV repeated to Hq heads
+_CUDNN: tuple[tuple[str, Backend], ...] = (
+    ("cudnn_gqa", partial(_sdpa_cudnn, expand=False)),
+    ("cudnn", partial(_sdpa_cudnn, expand=True)),
+)
+_FLASH: tuple[tuple[str, Backend], ...] = (
+    *((("flash_attn", _flash_attn),) if _flash_attn_func is not None else ()),
+    ("sdpa_flash_gqa", partial(_sdpa_flash, expand=False)),
+    ("sdpa_flash", partial(_sdpa_flash, expand=True)),
+)
+_CUDA_PREFILL, _CUDA_DECODE = _CUDNN + _FLASH, _FLASH + _CUDNN
+_CPU: tuple[tuple[str, Backend], ...] = (("cpu_flash", _cpu_flash),)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:

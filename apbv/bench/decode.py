@@ -3,12 +3,11 @@
     python -m apbv.bench.decode --arch qwen2.5-vl-3b --contexts 1024 16384 131072 [--new-tokens 32]
         [--world-sizes 1 2] [--out bench/results/DIR/decode.json]
 
-The context is a KV cache of N tokens per layer filled with random keys and values (decode time does not depend on
-their values), so both sides skip a long prefill: ours decodes over the engine's sharded cache (`DecodeStep`: CUDA
-graphs around attention, flash kernels, and with W ranks the cross-rank merge of every layer; W > 1 on one GPU runs
-the ranks in turn, projected), transformers' `generate` over a `DynamicCache` of the same length. Both sample
-greedily; ms per token = (time of new_tokens tokens - time of 1 token) / (new_tokens - 1), so the first token's
-logits processing and set-up cancel.
+Ours decodes over the engine's sharded KV cache holding N random keys and values per layer (decode time does not
+depend on their values; `DecodeStep`: CUDA graphs around attention, flash kernels, and with W ranks the cross-rank
+merge of every layer; W > 1 on one GPU runs the ranks in turn, projected); transformers' `generate` runs as users
+call it, on an N-token text prompt. Both greedy; ms per token = (time of new_tokens tokens - time of 1 token) /
+(new_tokens - 1), so prefill and set-up cancel.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache
 
 from apbv.comm import Comm
 from apbv.metrics import NullRecorder
@@ -68,22 +66,18 @@ def ours_ms_per_token(rank_model: QwenVLRank, context: int, new_tokens: int, wor
 
 
 def transformers_ms_per_token(model, context: int, new_tokens: int, repeats: int) -> float:
-    """transformers' greedy `generate` with a DynamicCache already holding N random tokens per layer."""
-    text = model.config.text_config
+    """transformers' greedy `generate` as users call it, on a text prompt of N random tokens (its prefill cancels
+    out of the per-token time)."""
     device = next(model.parameters()).device
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    kv = [_random_kv(text, context, device, model.dtype)[None] for _ in range(text.num_hidden_layers)]
+    ids = torch.randint(0, 1000, (1, context), device=device, generator=torch.Generator(device).manual_seed(0))
 
     def tokens(count: int) -> float:
-        cache = DynamicCache(config=model.config)
-        for layer, k in enumerate(kv):
-            cache.update(k, k, layer)
-        ids = torch.zeros((1, context + 1), dtype=torch.long, device=device)
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=count, min_new_tokens=count,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                           min_new_tokens=count, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
         _sync(device)
         return time.perf_counter() - start
 

@@ -59,6 +59,18 @@ class DecodeStep:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self._pieces: list[_LayerPieces] | None = None
         self._graphs: list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] | None = None
+        self._prologue_graph: torch.cuda.CUDAGraph | None = None
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._position = torch.zeros((3, 1, 1), dtype=torch.long, device=self.device)
+
+    def _prologue(self) -> None:
+        """The token's embedding and rotary cos/sin, into the first layer's static inputs."""
+        first = self._pieces[0]
+        hidden = self.text.embed_tokens(self._token)
+        cos, sin = self.text.rotary_emb(hidden, self._position)
+        first.hidden_in.copy_(hidden)
+        first.cos.copy_(cos)
+        first.sin.copy_(sin)
 
     @torch.inference_mode()
     def __call__(
@@ -67,11 +79,9 @@ class DecodeStep:
         """The final hidden state (H,) of token `token_id` at M-RoPE position `position` (all three axes); the
         tail rank appends its K/V to `cache` first. Identical on every rank."""
         pieces = self._ready()
-        hidden = self.text.embed_tokens(torch.tensor([[token_id]], device=self.device))
-        cos, sin = self.text.rotary_emb(hidden, torch.full((3, 1, 1), position, device=self.device))
-        pieces[0].hidden_in.copy_(hidden)
-        pieces[0].cos.copy_(cos)
-        pieces[0].sin.copy_(sin)
+        self._token.fill_(token_id)
+        self._position.fill_(position)
+        self._prologue() if self._prologue_graph is None else self._prologue_graph.replay()
         for i, piece in enumerate(pieces):
             if i and self._graphs is None:  # eager: read the previous layer's fresh output
                 piece.hidden_in = pieces[i - 1].hidden_out
@@ -106,29 +116,31 @@ class DecodeStep:
             piece.after_attention()
             pieces.append(piece)
             hidden = piece.hidden_out
+        self._pieces = pieces
         if self.use_graphs:
             pool, self._graphs = torch.cuda.graph_pool_handle(), []
+            self._prologue_graph = _graph(self._prologue, pool)
             for i, piece in enumerate(pieces):
                 if i:  # read the previous layer's graph output: the graphs chain without copies
                     piece.hidden_in = pieces[i - 1].hidden_out
                 self._graphs.append(_capture(piece, pool))
-        self._pieces = pieces
         return pieces
 
 
 def _capture(piece: _LayerPieces, pool: tuple) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
-    """CUDA graphs of a layer's two pieces, in one memory pool shared by all layers (warmed up on a side stream
-    first, as capture requires)."""
+    """CUDA graphs of a layer's two pieces, in one memory pool shared by all layers."""
+    return _graph(piece.before_attention, pool), _graph(piece.after_attention, pool)
+
+
+def _graph(piece: Piece, pool: tuple) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `piece` in `pool` (warmed up on a side stream first, as capture requires)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            piece.before_attention()
-            piece.after_attention()
+            piece()
     torch.cuda.current_stream().wait_stream(stream)
-    graphs = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graphs[0], pool=pool):
-        piece.before_attention()
-    with torch.cuda.graph(graphs[1], pool=pool):
-        piece.after_attention()
-    return graphs
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        piece()
+    return graph

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 VISION_ATTN_IMPLEMENTATION = "apbv_flash_varlen"
 
 
+@torch.compiler.disable  # compiled vision blocks call the kernel as it is, at a graph break
 def packed_attention(
     module: torch.nn.Module,
     query: Tensor,

@@ -3,8 +3,9 @@
 - `pad_mlp_widths`: Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 8, which keeps cuBLAS off its Hopper
   kernels. Zero rows appended to gate/up (and zero columns to down) pad it to a multiple of 64: the padded units
   are act(0) * up = 0 and contribute nothing, so the output is unchanged. Done at load, in memory only.
-- `compile_blocks`: `torch.compile` of each block's norms and MLP (the attention stays the packed varlen kernel),
-  which fuses their element-wise work; shapes are dynamic, so one compilation serves every video size.
+- `compile_blocks`: `torch.compile` of each block (the attention kernel itself stays the packed varlen call, outside
+  the compiled graph), which fuses the norms, rotary embedding, activations and residuals; shapes are dynamic, so
+  one compilation serves every video size.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ def _like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
 
 
 def compile_blocks(visual: nn.Module) -> None:
-    """torch.compile every vision block's norms and MLP (dynamic shapes), in place."""
+    """torch.compile every vision block (dynamic shapes), in place."""
     for block in visual.blocks:
-        for name in ("norm1", "norm2", "mlp"):
-            setattr(block, name, torch.compile(getattr(block, name), dynamic=True))
+        block.forward = torch.compile(block.forward, dynamic=True)
