@@ -255,16 +255,16 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              f"`{meta['command']}`  ", f"{meta['date']}; {meta['device_name']}; torch {meta['torch']}, "
              f"transformers {meta['transformers']}.", "",
              "Seconds. TTFT = plan on rank 0 + the slowest rank; that rank's stages: waiting for decoded frames, "
-             "preprocessing, vision encoder, attention, other layers, communication wait (projected rows: the other "
-             "ranks' turns, not part of the latency).", "",
+             "preprocessing, vision encoder, attention, communication wait (projected rows: the other ranks' turns, "
+             "not part of the latency), other layers.", "",
              "| video | frames | tokens | strategy | W | TTFT | plan | wait for frames | preprocess | vision "
-             "| attention | other layers | comm wait | cached follow-up | timing |",
+             "| attention | comm wait | other layers | cached follow-up | timing |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["strategy"] == "transformers":
             lines.append(f"| {r['video']} | {r['frames']} | {r['tokens']:,} | transformers (qwen-vl-utils + "
                          f"processor + generate) | 1 | {r['ttft_s']:.3f} | | read {r['read_s']:.3f} | processor "
-                         f"{r['processor_s']:.3f} | prefill {r['prefill_s']:.3f} | | | | | measured |")  # fmt: skip
+                         f"{r['processor_s']:.3f} | | prefill {r['prefill_s']:.3f} | | | | measured |")  # fmt: skip
             continue
         s = r["stages_s"][max(range(r["world_size"]), key=lambda i: r["per_rank_s"][i])]
         stages = " | ".join(f"{s[k]:.3f}" for k in STAGES)
