@@ -22,7 +22,7 @@ from apbv.attention.registry import STRATEGY_NAMES, ranks_for
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
 from apbv.errors import ApbvError, InputError, TooFewFrames, error_from_code
-from apbv.video import FRAME_FACTOR, probe_video, sample_frame_count
+from apbv.video import DEFAULT_FPS, FRAME_FACTOR, probe_video, sample_frame_count
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 1
@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--world-size", type=int, default=None, help="ranks (default: visible GPUs, else 2 CPU ranks)")
     ask.add_argument("--device", choices=("cpu", "cuda"), default=None)
     frames = ask.add_mutually_exclusive_group()
-    frames.add_argument("--frames", type=int, default=None,
-                        help=f"number of frames to sample (default {Request.num_frames})")
-    frames.add_argument("--fps", type=float, default=None, help="sample at this rate instead")
+    frames.add_argument("--frames", type=int, default=None, help="number of frames to sample")
+    frames.add_argument("--fps", type=float, default=None,
+                        help=f"frames per second to sample (neither: the engine's default, {DEFAULT_FPS:g} per second)")
     ask.add_argument("--max-pixels", type=int, default=None, help="pixel budget per frame")
     ask.add_argument("--anchor-ratio", type=float, default=None)
     ask.add_argument("--passing-ratio", type=float, default=None)

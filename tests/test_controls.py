@@ -10,6 +10,7 @@ from apbv.attention.registry import STRATEGY_NAMES
 from apbv.config import Limits
 from apbv.engine.api import REQUEST_STRATEGIES, Request
 from apbv.errors import InputError
+from apbv.video import DEFAULT_FPS
 from ui.controls import (
     SAMPLE_BY_FPS,
     SAMPLE_BY_FRAMES,
@@ -37,7 +38,11 @@ def test_the_pages_defaults_are_the_engines():
     with gr.Blocks():
         layout = build_layout(HEALTH, [])
     request, attention = Request("", ""), AttentionConfig()
-    assert (layout.strategy.value, layout.frames.value) == (request.strategy, request.num_frames)
+    assert layout.strategy.value == request.strategy
+    if request.num_frames is None:  # the engine samples at a rate unless told a frame count
+        assert (layout.sample_by.value, layout.fps.value) == (SAMPLE_BY_FPS, request.fps or DEFAULT_FPS)
+    else:
+        assert (layout.sample_by.value, layout.frames.value) == (SAMPLE_BY_FRAMES, request.num_frames)
     assert layout.max_new_tokens.value == request.max_new_tokens
     assert layout.max_new_tokens.maximum == Limits().max_new_tokens
     assert (layout.anchor.value, layout.passing.value) == (attention.anchor_ratio, attention.passing_ratio)

@@ -149,6 +149,7 @@ def test_stop_cancels_the_running_answer(page: Page):
 
 
 def test_out_of_range_settings_get_the_pages_own_message(page: Page):
+    page.locator("#sample-by").get_by_text("frame count").click()
     _number(page, "frames", "1000")
     expect(page.locator("#video-info")).to_contain_text("frames must be between 1 and 768, got 1000")
     _ask(page, "What moves?")
@@ -170,6 +171,9 @@ def test_empty_question_shows_a_readable_error_and_the_page_still_answers(page: 
 
 
 def test_controls_show_only_what_applies(page: Page):
+    expect(page.locator("#frames")).to_be_hidden()  # the engine samples at a rate by default
+    page.locator("#sample-by").get_by_text("frame count").click()
+    expect(page.locator("#frames")).to_be_visible()
     expect(page.locator("#fps")).to_be_hidden()
     page.locator("#sample-by").get_by_text("frames per second").click()
     expect(page.locator("#fps")).to_be_visible()

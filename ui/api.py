@@ -55,7 +55,7 @@ class Endpoints:
         """Ask one question about an uploaded video. Streams (answer so far, None), then ends with (answer, result).
 
         ranks: None for all of the engine's (FlashAttention, "dense", runs on one); frames or fps: how to sample
-        the video (at most one; neither: 32 frames); max_pixels: per-frame pixel budget; anchor_ratio /
+        the video (at most one; neither: the engine's default rate); max_pixels: per-frame pixel budget; anchor_ratio /
         passing_ratio: APB-V's (None: the paper's); history: earlier [question, answer] turns, oldest first."""
         request = _request(video, question, strategy, ranks, frames, fps, max_pixels, max_new_tokens, anchor_ratio,
                            passing_ratio, history)  # fmt: skip

@@ -22,7 +22,10 @@ STRATEGY_CHOICES: list[tuple[str, str]] = [(strategy_label(name), name) for name
 DEFAULT_STRATEGY = DEFAULTS.strategy
 RATIO_STRATEGY = "apbv"  # the strategy whose anchor/passing ratios the page sets (the others keep their defaults)
 SAMPLE_BY_FRAMES, SAMPLE_BY_FPS = "frame count", "frames per second"
-DEFAULT_SAMPLE_FPS = DEFAULT_FPS
+# The engine samples at DEFAULT_FPS unless a request names a frame count; the frame box then starts at this count.
+DEFAULT_SAMPLE_BY = SAMPLE_BY_FPS if DEFAULTS.num_frames is None else SAMPLE_BY_FRAMES
+DEFAULT_SAMPLE_FPS = DEFAULTS.fps or DEFAULT_FPS
+DEFAULT_FRAME_COUNT = DEFAULTS.num_frames or 32
 # Per-frame pixel budgets; 0 lets the engine choose.
 MAX_PIXEL_CHOICES: list[tuple[str, int]] = [
     ("engine default", 0),

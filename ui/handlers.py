@@ -94,7 +94,10 @@ def describe(
     tokens = None
     if health["state"] == "ready":  # the checkpoint's per-frame bounds are known, as the engine reads videos
         pixels = dict(health["video_pixels"]) | ({"max_pixels": int(max_pixels)} if max_pixels else {})
-        tokens = estimate_visual_tokens(info, num_frames, rate, pixels)
+        try:
+            tokens = estimate_visual_tokens(info, num_frames, rate, pixels)
+        except InputError as e:  # a size the engine cannot read (extreme aspect ratio, budget below the minimum)
+            return {"video_info": error_text(e.code, str(e)), "estimate": None, "history_plot": _history(runs, None)}
     text = video_text(info, sampled_frames(info, num_frames, rate), tokens, int(health["max_prompt_tokens"]))
     return {"video_info": text, "estimate": tokens, "history_plot": _history(runs, tokens)}
 

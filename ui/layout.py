@@ -14,6 +14,8 @@ import gradio as gr
 
 from ui.controls import (
     ATTENTION_DEFAULTS,
+    DEFAULT_FRAME_COUNT,
+    DEFAULT_SAMPLE_BY,
     DEFAULT_SAMPLE_FPS,
     DEFAULT_STRATEGY,
     DEFAULTS,
@@ -101,11 +103,12 @@ def build_layout(health: dict, examples: Sequence[Example], max_upload_mb: int |
             ranks = gr.Dropdown(list(range(1, world_size + 1)), value=world_size, label="GPUs (ranks)",
                                 info="FlashAttention always runs on 1", elem_id="ranks")  # fmt: skip
             with gr.Row():
-                sample_by = gr.Radio([SAMPLE_BY_FRAMES, SAMPLE_BY_FPS], value=SAMPLE_BY_FRAMES, label="Sample by",
+                sample_by = gr.Radio([SAMPLE_BY_FRAMES, SAMPLE_BY_FPS], value=DEFAULT_SAMPLE_BY, label="Sample by",
                                      elem_id="sample-by")  # fmt: skip
-                frames = gr.Number(DEFAULTS.num_frames, label="frames", precision=0, elem_id="frames",
-                                   info=f"up to {LIMITS.max_frames}")  # fmt: skip
-                fps = gr.Number(DEFAULT_SAMPLE_FPS, label="frames per second", visible=False, elem_id="fps")
+                by_frames = DEFAULT_SAMPLE_BY == SAMPLE_BY_FRAMES
+                frames = gr.Number(DEFAULT_FRAME_COUNT, label="frames", precision=0, elem_id="frames",
+                                   info=f"up to {LIMITS.max_frames}", visible=by_frames)  # fmt: skip
+                fps = gr.Number(DEFAULT_SAMPLE_FPS, label="frames per second", visible=not by_frames, elem_id="fps")
             max_pixels = gr.Dropdown(MAX_PIXEL_CHOICES, value=0, label="Resolution budget (pixels per frame)")
             max_new_tokens = gr.Slider(1, LIMITS.max_new_tokens, value=DEFAULTS.max_new_tokens, step=1,
                                        label="Max new tokens", elem_id="max-new-tokens")  # fmt: skip

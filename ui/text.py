@@ -26,6 +26,7 @@ ERROR_HINTS: dict[str, str] = {
     "timeout": "The request took too long and was stopped; try a shorter video or fewer frames.",
     "out_of_memory": "Out of GPU memory: lower the frames, fps or resolution, or use more GPUs.",
     "cancelled": "Stopped.",
+    "footage_unavailable": "The real footage of the training videos is not installed on this server.",
     "no_video": "Upload a video (or pick an example) first.",
     "no_previous_run": "Ask a question first; the comparison re-measures your last question.",
 }
