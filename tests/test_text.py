@@ -75,10 +75,10 @@ def test_comparison_table_shows_medians_ranges_and_speedup():
     dense = StrategyRuns("dense", tuple(_result("dense", 1, s, "a | b") for s in (0.9, 1.1, 1.0)))
     apbv = StrategyRuns("apbv", tuple(_result("apbv", 2, s, "a\nb") for s in (0.25, 0.25, 0.25)))
     lines = comparison_table(Comparison("dense", 1, 3, (apbv, dense))).splitlines()
-    assert lines[0] == "| strategy | ranks | prefill | time to first token | end to end | prefill speedup | answer |"
-    assert lines[2] == "| APB-V | 2 | 250 ms | 500 ms | 500 ms | 4.00× | a b |"
-    assert lines[3] == ("| FlashAttention (1 GPU) | 1 | 1.00 s <small>(900 ms–1.10 s)</small> | 500 ms | "
-                        "2.00 s <small>(1.80 s–2.20 s)</small> | 1.00× | a \\| b |")  # fmt: skip
+    assert lines[0] == "| strategy | ranks | prefill speedup | prefill | time to first token | end to end | answer |"
+    assert lines[2] == "| APB-V | 2 | 4.00× | 250 ms | 500 ms | 500 ms | a b |"
+    assert lines[3] == ("| FlashAttention (1 GPU) | 1 | 1.00× | 1.00 s <small>(900 ms–1.10 s)</small> | 500 ms | "
+                        "2.00 s <small>(1.80 s–2.20 s)</small> | a \\| b |")  # fmt: skip
     assert "Median of 3 run(s) after 1 warm-up(s)" in lines[-1]
 
 

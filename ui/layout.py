@@ -30,7 +30,8 @@ from ui.examples import Example
 from ui.text import engine_banner, header_text
 
 CSS = (
-    "#status, #compare {min-height: 2.5em} #compare th {white-space: nowrap} "
+    "#status, #compare {min-height: 2.5em} #compare table {display: block; overflow-x: auto} "
+    "#compare th, #compare td:not(:last-child) {white-space: nowrap} #compare td:last-child {min-width: 16em} "
     "#banner {background: #fff6d5; padding: 0.5em 1em; border-radius: 6px}"
 )
 
