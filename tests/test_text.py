@@ -103,3 +103,4 @@ def test_comparison_table_shortens_long_answers():
     row = comparison_table(Comparison("dense", 0, 1, (long,))).splitlines()[2]
     answer = row.rsplit("| ", 1)[1].rstrip(" |")
     assert len(answer) == 80 and answer.endswith("…")
+    assert "The engine is warming" in engine_banner({"state": "warming"})  # a state added later shows as well

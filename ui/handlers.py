@@ -56,7 +56,7 @@ def engine_status(pool: Pool) -> Update:
     banner = engine_banner(health)
     update = {
         "banner": gr.update(value=banner, visible=bool(banner)),
-        "engine_timer": gr.Timer(active=health["state"] in ("starting", "restarting")),
+        "engine_timer": gr.Timer(active=health["state"] not in ("ready", "failed")),  # also a future "warming"
     }
     if health["state"] == "ready":
         world_size = int(health["world_size"])

@@ -163,7 +163,7 @@ def engine_banner(health: dict) -> str:
     state = health["state"]
     if state == "ready":
         return ""
-    text = ENGINE_STATES.get(state, f"… The engine is {state}.")
+    text = ENGINE_STATES.get(state, f"… **The engine is {state}**; questions asked now wait for it.")
     return f"{text}: {health['start_error']}" if state == "failed" and health.get("start_error") else text
 
 
