@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 180
+QUESTIONS = ("What color was the shape?", "Which shape was shown?")
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -42,32 +43,66 @@ def _ask(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProc
     return done
 
 
-def test_ask_prints_the_answer(example_video):
-    done = _ask(example_video, "What color was the shape?", "--frames", "8", "--world-size", "2")
+def test_ask_prints_the_answers(example_video):
+    done = _ask(example_video, *QUESTIONS, "--frames", "8", "--world-size", "2")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() and "Traceback" not in done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == ["Q", "A", "Q", "A"] and lines[0] == f"Q: {QUESTIONS[0]}"
+    assert all(line[3:].strip() for line in lines[1::2]) and "Traceback" not in done.stderr
 
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port")
 
 
 @pytest.mark.parametrize("launcher", ["pool", "torchrun"])
-def test_ask_json_prints_one_result_object(example_video, launcher):
+def test_questions_file_gives_one_json_result_per_question_on_one_engine(example_video, tmp_path, launcher):
     """Through the CLI's own pool, and as two torchrun ranks (the one-shot channel)."""
-    args = (example_video, "What color was the shape?", "--frames", "8", "--json")
+    questions = tmp_path / "questions.txt"
+    questions.write_text(f"{QUESTIONS[0]}\n\n  \n{QUESTIONS[1]}\n")
+    args = (example_video, "--questions", str(questions), "--frames", "8", "--json")
     if launcher == "pool":
         done = _ask(*args, "--world-size", "2")
     else:
         done = _ask(*args, launcher=(*TORCHRUN, str(free_port())))
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)  # the whole of stdout is one JSON object
-    assert result["answer"] and 1 <= len(result["token_ids"]) <= 4
-    assert result["visual_tokens"] > 0 and [r["rank"] for r in result["ranks"]] == [0, 1]
+    results = [json.loads(line) for line in done.stdout.splitlines()]  # every line is one JSON object
+    assert [r["question"] for r in results] == list(QUESTIONS)
+    for result in results:
+        assert result["answer"] and 1 <= len(result["token_ids"]) <= 4
+        assert result["visual_tokens"] > 0 and [r["rank"] for r in result["ranks"]] == [0, 1]
+        summary = result["summary"]
+        assert (summary["strategy"], summary["world_size"], summary["new_tokens"]) == (
+            "apbv", 2, len(result["token_ids"]))  # fmt: skip
+        assert 0 < summary["prefill_s"] and summary["time_to_first_token_s"] > 0
+        assert summary["decode_tokens_per_s"] is None or summary["decode_tokens_per_s"] > 0
+    if launcher == "pool":  # one pool served both: its request ids follow each other
+        assert [r["request_id"] for r in results] == ["req-1", "req-2"]
 
 
-@pytest.mark.parametrize("kind", ["text", "missing"])
-def test_bad_input_exits_2_with_one_line(videos, kind):
-    done = _ask(str(videos[kind]), "What color was the shape?", "--frames", "8", "--world-size", "2")
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stdout == ""
+@pytest.mark.parametrize(
+    "kind, args, code",
+    [
+        ("missing", ("What color?",), "video_not_found"),
+        ("text", ("What color?",), "video_unreadable"),
+        ("ramp", ("   ",), "empty_question"),
+        ("ramp", (), "bad_input"),
+        ("ramp", ("What color?", "--frames", "0"), "bad_input"),
+        ("ramp", ("What color?", "--world-size", "-1"), "bad_input"),
+        ("ramp", ("What color?", "--world-size", "0"), "bad_input"),
+        ("ramp", ("What color?", "--frames", "2"), "too_few_frames"),
+        ("ramp", ("What color?", "--frames", "many"), "bad_input"),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_bad_input_fails_before_any_rank_starts(videos, kind, args, code, as_json):
+    """With a model that does not exist: had any rank started, it would have failed to load it (exit 1)."""
+    ranks = () if "--world-size" in args else ("--world-size", "2")
+    done = _ask(str(videos[kind]), *args, *ranks, "--model", "/no/such/model", *(["--json"] * as_json))
+    assert done.returncode == 2, done.stderr
+    if as_json:
+        (line,) = done.stdout.splitlines()
+        error = json.loads(line)["error"]
+        assert error["code"] == code and error["message"] and done.stderr == ""
+    else:
+        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stdout == ""

@@ -1,8 +1,9 @@
-"""Plotly figures of one run's (or several runs') own measurements.
+"""Plotly figures of runs' own measurements.
 
-Pure functions of `Result` / `RankMetrics`: no engine, no Gradio. Times are shown in ms, attention work in TFLOP
-(or key-query pairs when FLOPs were not counted). Anything not measured in the run it describes is labelled
-"projected".
+Pure functions of `Result` / `Comparison`: no engine, no Gradio. The per-rank figures take several runs (the asked
+strategy and FlashAttention beside it) and draw them on one shared axis, grouped by run. Times are in ms, attention
+work in the FLOP unit that suits its size (or key-query pairs when FLOPs were not counted). Anything not measured
+in the run it describes is labelled "projected".
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections import defaultdict
 from typing import Sequence
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from apbv.attention.registry import strategy_label
 from apbv.engine.api import Result
 from apbv.metrics import ATTENTION, COMM_WAIT, DECODE, OTHER_LAYERS, READ, VISION, RankMetrics, balance
+from ui.compare import METRICS, Comparison
 
 # Stage categories in stacking order, with the labels a user reads and their colours.
 CATEGORY_LABELS: dict[str, str] = {
@@ -41,7 +44,9 @@ STAGE_COLORS: dict[str, str] = {
     "prefill": CATEGORY_COLORS[ATTENTION],
     "decode": CATEGORY_COLORS[DECODE],
 }
-_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.2))
+FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1.0, "FLOP"))
+STRATEGY_COLORS = ("#2f7ed8", "#9e9e9e", "#f28e2b", "#59a14f", "#e15759", "#8e6bbf")
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.25))
 
 
 def rank_label(m: RankMetrics) -> str:
@@ -49,15 +54,26 @@ def rank_label(m: RankMetrics) -> str:
     return f"rank {m.rank} ({m.device})"
 
 
-def stage_ms(result: Result, stage: str) -> float:
-    """Latency of a timeline stage in ms: the slowest rank's summed span durations (0 when never recorded)."""
-    return 1e3 * result.stage_s(stage)
+def run_label(result: Result) -> str:
+    return strategy_label(result.strategy)
 
 
-def stage_time_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
-    """Per-rank stacked bars of time per category (ms); each bar's height is the rank's total measured time."""
+def flop_unit(largest: float) -> tuple[float, str]:
+    """(divisor, unit) that shows `largest` FLOP as a number of at least 1: 4e-5 TFLOP reads as 40 MFLOP."""
+    return next(((d, u) for d, u in FLOP_UNITS if largest >= d), FLOP_UNITS[-1])
+
+
+def _rank_axis(results: Sequence[Result]) -> list[list[str]]:
+    """A two-level category axis: the run, then its ranks."""
+    return [[run_label(r) for r in results for _ in r.ranks], [rank_label(m) for r in results for m in r.ranks]]
+
+
+def stage_time_figure(results: Sequence[Result]) -> go.Figure:
+    """Per-rank stacked bars of time per category (ms), runs side by side on one axis; each bar's height is the
+    rank's total measured time."""
+    ranks = [m for r in results for m in r.ranks]
     extra = sorted({c for m in ranks for c in m.totals} - CATEGORY_LABELS.keys())
-    x = [rank_label(m) for m in ranks]
+    x = _rank_axis(results)
     fig = go.Figure()
     for category in [*CATEGORY_LABELS, *extra]:
         y = [1e3 * m.totals.get(category, 0.0) for m in ranks]
@@ -69,27 +85,33 @@ def stage_time_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
     return fig
 
 
-def attention_work_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
-    """Per-rank attention work (TFLOP, or key-query pairs when FLOPs were not counted) with max/mean balance."""
+def attention_work_figure(results: Sequence[Result]) -> go.Figure:
+    """Per-rank attention work (FLOP, or key-query pairs when FLOPs were not counted), runs side by side on one
+    axis, with each run's max/mean balance in the title."""
+    ranks = [m for r in results for m in r.ranks]
     if all("attn_flops" in m.counters for m in ranks):
-        values = [m.counters["attn_flops"] / 1e12 for m in ranks]
-        unit = "attention work (TFLOP)"
+        divisor, unit = flop_unit(max((m.counters["attn_flops"] for m in ranks), default=0.0))
+        per_run = [[m.counters["attn_flops"] / divisor for m in r.ranks] for r in results]
+        axis = f"attention work ({unit})"
     else:
-        values = [m.counters.get("attn_pairs", 0.0) for m in ranks]
-        unit = "attention work (query-key pairs)"
-    fig = go.Figure(go.Bar(x=[rank_label(m) for m in ranks], y=values, marker_color="#2f7ed8", name=unit))
-    fig.update_layout(
-        title=f"Attention load per rank — balance max/mean = {balance(values):.2f}", yaxis_title=unit, **_LAYOUT
-    )
+        per_run = [[m.counters.get("attn_pairs", 0.0) for m in r.ranks] for r in results]
+        axis = "attention work (query-key pairs)"
+    fig = go.Figure(go.Bar(x=_rank_axis(results), y=[v for values in per_run for v in values], name=axis,
+                           marker_color=STRATEGY_COLORS[0]))  # fmt: skip
+    balances = " · ".join(f"{run_label(r)} {balance(values):.2f}" for r, values in zip(results, per_run))
+    fig.update_layout(title=f"Attention load per rank<br><sub>balance max/mean: {balances}</sub>", yaxis_title=axis,
+                      **_LAYOUT)  # fmt: skip
     return fig
 
 
-def timeline_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
-    """Per-rank timeline: one horizontal bar per span, starting at its start (ms) and as long as its duration."""
+def timeline_figure(results: Sequence[Result]) -> go.Figure:
+    """Per-rank timeline of every run on one time axis: one horizontal bar per span, from its start (ms since the
+    request started) for its duration."""
     by_stage: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
-    for m in ranks:
+    lanes = [(f"{run_label(r)} · {rank_label(m)}", m) for r in results for m in r.ranks]
+    for row, m in lanes:
         for s in m.spans:
-            by_stage[s.name].append((rank_label(m), 1e3 * s.start, 1e3 * (s.end - s.start)))
+            by_stage[s.name].append((row, 1e3 * s.start, 1e3 * (s.end - s.start)))
     fig = go.Figure()
     for name, rows in by_stage.items():
         fig.add_bar(
@@ -104,7 +126,8 @@ def timeline_figure(ranks: Sequence[RankMetrics]) -> go.Figure:
     fig.update_layout(
         barmode="overlay", title="Timeline per rank (measured)", xaxis_title="time since request start (ms)", **_LAYOUT
     )
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(categoryorder="array", categoryarray=[row for row, _ in lanes], autorange="reversed",
+                     automargin=True)  # fmt: skip
     return fig
 
 
@@ -123,11 +146,12 @@ def history_figure(results: Sequence[Result], project_to: int | None = None) -> 
     """Prefill latency (ms) vs visual tokens, one series per strategy across the session's runs.
 
     project_to: when given and larger than a strategy's measured tokens, a dashed "projected" line extends a
-    power-law fit of that strategy's runs to this many visual tokens.
+    power-law fit of that strategy's runs to this many visual tokens. Token counts are whole numbers: with few
+    distinct ones, the axis ticks at exactly those.
     """
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in results:
-        series[r.strategy].append((r.visual_tokens, stage_ms(r, "prefill")))
+        series[r.strategy].append((r.visual_tokens, 1e3 * r.stage_s("prefill")))
     fig = go.Figure()
     for strategy, pts in series.items():
         pts.sort()
@@ -140,32 +164,47 @@ def history_figure(results: Sequence[Result], project_to: int | None = None) -> 
             fig.add_scatter(
                 x=xs, y=[a * x**b for x in xs], mode="lines", line=dict(dash="dash"), name=f"{label} (projected fit)"
             )
+    ticks = sorted({int(x) for trace in fig.data for x in trace.x})
+    xaxis = dict(tickmode="array", tickvals=ticks, tickformat=",d") if len(ticks) <= 6 else dict(tickformat=",d")
     fig.update_layout(
         title="Prefill latency vs visual tokens (this session)",
-        xaxis_title="visual tokens",
+        xaxis=dict(title="visual tokens", **xaxis),
         yaxis_title="prefill latency (ms)",
         **_LAYOUT,
     )
     return fig
 
 
-def speedup(baseline: Result, result: Result, stage: str = "prefill") -> float:
-    """How many times faster `result` ran `stage` than `baseline` (nan when not measurable)."""
-    t = stage_ms(result, stage)
-    return stage_ms(baseline, stage) / t if t > 0 else math.nan
-
-
-def comparison_figure(results: Sequence[Result], baseline: Result) -> go.Figure:
-    """Prefill and end-to-end latency (ms) of each run next to the baseline, with the prefill speedup."""
-    runs = [baseline, *[r for r in results if r is not baseline]]
-    names = [f"{strategy_label(r.strategy)}<br>{r.world_size} rank(s)" for r in runs]
-    fig = go.Figure()
-    fig.add_bar(x=names, y=[stage_ms(r, "prefill") for r in runs], name="prefill (ms)", marker_color="#2f7ed8")
-    fig.add_bar(x=names, y=[1e3 * r.wall_s for r in runs], name="end to end (ms)", marker_color="#bbbbbb")
-    for name, r in zip(names[1:], runs[1:]):
-        fig.add_annotation(x=name, y=stage_ms(r, "prefill"), text=f"{speedup(baseline, r):.2f}× prefill", yshift=12)
-    title = f"Latency vs {strategy_label(baseline.strategy)}"
-    if len(runs) == 2:
-        title += f" — prefill speedup {speedup(baseline, runs[1]):.2f}×"
-    fig.update_layout(barmode="group", title=title, yaxis_title="latency (ms)", **_LAYOUT)
+def comparison_figure(comparison: Comparison) -> go.Figure:
+    """Median prefill, time to first token and end-to-end latency (ms) of each strategy with their range over the
+    repeats, each metric on its own axis (prefill stays readable when reading the video dominates), and the
+    prefill speedup over the baseline."""
+    fig = make_subplots(rows=1, cols=len(METRICS), subplot_titles=list(METRICS.values()))
+    names = [f"{strategy_label(r.strategy)}<br>{r.world_size} rank(s)" for r in comparison.runs]
+    for col, metric in enumerate(METRICS, 1):
+        spreads = [r.spread(metric) for r in comparison.runs]
+        medians = [1e3 * s.median if s else None for s in spreads]
+        fig.add_bar(
+            x=names,
+            y=medians,
+            marker_color=[STRATEGY_COLORS[i % len(STRATEGY_COLORS)] for i in range(len(names))],
+            error_y=dict(
+                type="data",
+                array=[1e3 * (s.high - s.median) if s else 0 for s in spreads],
+                arrayminus=[1e3 * (s.median - s.low) if s else 0 for s in spreads],
+            ),
+            showlegend=False,
+            row=1,
+            col=col,
+        )
+        fig.update_yaxes(title_text="ms" if col == 1 else None, rangemode="tozero", tickformat=",~r", row=1, col=col)
+    for name, runs in zip(names, comparison.runs):
+        if runs.strategy != comparison.baseline:
+            fig.add_annotation(x=name, y=1e3 * runs.spread("prefill_s").high, text=f"{comparison.speedup(runs):.2f}×",
+                               yshift=12, showarrow=False, xref="x", yref="y")  # fmt: skip
+    title = f"Median of {comparison.repeats} run(s) vs {strategy_label(comparison.baseline)}"
+    if len(comparison.runs) == 2:
+        other = next(r for r in comparison.runs if r.strategy != comparison.baseline)
+        title += f" — prefill speedup {comparison.speedup(other):.2f}×"
+    fig.update_layout(title=title, **{**_LAYOUT, "margin": dict(l=60, r=20, t=90, b=50)})
     return fig

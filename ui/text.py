@@ -1,12 +1,11 @@
-"""The page's words: readable errors, stage progress, run summaries and the comparison table (Markdown)."""
+"""The page's words: readable errors, stage progress with elapsed times, run summaries, the comparison table and
+the engine banner (Markdown)."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from apbv.attention.registry import strategy_label
 from apbv.engine.api import Result
-from ui.figures import speedup, stage_ms
+from ui.compare import METRICS, Comparison, Spread
 from ui.runner import STAGES, RunState
 from ui.video_info import VideoInfo
 
@@ -26,72 +25,154 @@ ERROR_HINTS: dict[str, str] = {
     "worker_died": "A GPU worker crashed and was restarted; please ask again.",
     "timeout": "The request took too long and was stopped; try a shorter video or fewer frames.",
     "out_of_memory": "Out of GPU memory: lower the frames, fps or resolution, or use more GPUs.",
-    "cancelled": "The request was cancelled.",
+    "cancelled": "Stopped.",
+    "footage_unavailable": "The real footage of the training videos is not installed on this server.",
     "no_video": "Upload a video (or pick an example) first.",
-    "no_previous_run": "Ask a question first; the comparison reruns your last question.",
+    "no_previous_run": "Ask a question first; the comparison re-measures your last question.",
+}
+# Codecs Chromium, Firefox and Safari play; others may show "not playable" in the page although the engine reads them.
+BROWSER_CODECS = frozenset({"h264", "vp8", "vp9", "av1", "libdav1d"})
+ANSWER_CHARS = 80  # of each answer in the comparison table (the chat has them whole)
+ENGINE_STATES = {
+    "starting": "… **The engine is starting** (loading the model on every rank); questions asked now wait for it.",
+    "restarting": "… **The engine is restarting** after a failure; questions asked now wait for it.",
+    "failed": "⚠️ **The engine did not start**",
 }
 
 
+def error_line(code: str, message: str) -> str:
+    """A plain-text error: the hint for its code, then the engine's own message."""
+    hint = ERROR_HINTS.get(code, "The request failed.")
+    return f"{hint} ({code}: {message})" if message else hint
+
+
 def error_text(code: str, message: str) -> str:
-    """A readable error line: the hint for its code, then the engine's own message."""
+    """A readable error line (Markdown): the hint for its code, then the engine's own message."""
+    if code == "cancelled":
+        return "■ **Stopped.**"
     hint = ERROR_HINTS.get(code, "The request failed.")
     detail = f" <small>({code}: {message})</small>" if message else ""
     return f"⚠️ **{hint}**{detail}"
 
 
-def progress_text(state: RunState) -> str:
-    """One line: queue position or the stages with the current one marked, then a summary when done."""
+def format_duration(seconds: float | None) -> str:
+    """A duration as people read it: "0.42 ms", "33.2 ms", "118 ms", "1.25 s", "12.4 s", "2 min 05 s"."""
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    if ms < 10:
+        return f"{ms:.2f} ms"
+    if ms < 100:
+        return f"{ms:.1f} ms"
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def progress_text(state: RunState, engine_state: str = "ready") -> str:
+    """One line: waiting for the engine, the queue position, or the stages with their elapsed times; then a
+    summary or the error once the request has ended."""
     if state.error_code:
         return error_text(state.error_code, state.error_message)
     if state.result is not None:
         return result_summary(state.result)
-    if state.position:
-        return f"⏳ Queued — {state.position} request(s) ahead in the engine queue"
+    if not state.stages:
+        if engine_state != "ready":
+            return "… Waiting for the engine to start"
+        if state.position:
+            return f"… Queued — {state.position} request(s) ahead in the engine queue"
+        return "… Starting"
+    elapsed = dict(state.stage_elapsed())
     marks = []
     for name in STAGES:
-        if name not in state.stages:
+        if name not in elapsed:
             marks.append(f"○ {name}")
-        elif name == state.stages[-1]:
-            marks.append(f"⏳ **{name}**")
+        elif name == state.stages[-1][0]:
+            marks.append(f"▶ **{name}** {format_duration(elapsed[name])}")
         else:
-            marks.append(f"✓ {name}")
+            marks.append(f"✓ {name} {format_duration(elapsed[name])}")
     return " → ".join(marks)
 
 
 def result_summary(r: Result) -> str:
+    """What ran and how fast: time to first token (as the client saw it) next to prefill, end to end, decode rate."""
+    s = r.summary()
+    rate = f" · decode {s['decode_tokens_per_s']:.0f} tokens/s" if s["decode_tokens_per_s"] else ""
     return (
-        f"✓ {strategy_label(r.strategy)} on {r.world_size} rank(s): prefill **{stage_ms(r, 'prefill'):.0f} ms**, "
-        f"end to end {1e3 * r.wall_s:.0f} ms · {r.visual_tokens:,} visual tokens · {len(r.token_ids)} new tokens"
+        f"✓ {strategy_label(r.strategy)} on {r.world_size} rank(s): first token after "
+        f"**{format_duration(s['time_to_first_token_s'])}** (prefill {format_duration(s['prefill_s'])}) · end to end "
+        f"{format_duration(s['wall_s'])}{rate} · {s['prompt_tokens']:,} prompt tokens ({r.visual_tokens:,} visual) · "
+        f"{s['new_tokens']} new tokens"
     )
 
 
-def comparison_table(results: Sequence[Result], baseline: Result) -> str:
-    """Markdown table: each run's latencies and prefill speedup over the baseline, and its answer."""
-    rows = [
-        "| strategy | ranks | prefill (ms) | end to end (ms) | prefill speedup | answer |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in [baseline, *[r for r in results if r is not baseline]]:
-        answer = r.answer.replace("|", "\\|").replace("\n", " ")
-        rows.append(
-            f"| {strategy_label(r.strategy)} | {r.world_size} | {stage_ms(r, 'prefill'):.1f} | {1e3 * r.wall_s:.1f} "
-            f"| {speedup(baseline, r):.2f}× | {answer} |"
-        )
-    return "\n".join(rows)
+def _spread(spread: Spread | None) -> str:
+    if spread is None:
+        return "–"
+    if spread.low == spread.high:
+        return format_duration(spread.median)
+    low, high = format_duration(spread.low), format_duration(spread.high)
+    return f"{format_duration(spread.median)} <small>({low}–{high})</small>"
+
+
+def _shorter(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def comparison_table(comparison: Comparison) -> str:
+    """Markdown table: each strategy's prefill speedup, median latencies (range over the repeats) and answer."""
+    header = " | ".join(["strategy", "ranks", "prefill speedup", *METRICS.values(), "answer"])
+    rows = [f"| {header} |", "|---|---:|---:|" + "---:|" * len(METRICS) + "---|"]
+    for runs in comparison.runs:
+        answer = _shorter(runs.answer.replace("\n", " "), ANSWER_CHARS).replace("|", "\\|")
+        cells = [strategy_label(runs.strategy), str(runs.world_size), f"{comparison.speedup(runs):.2f}×",
+                 *(_spread(runs.spread(m)) for m in METRICS), answer]  # fmt: skip
+        rows.append(f"| {' | '.join(cells)} |")
+    note = (
+        f"Median of {comparison.repeats} run(s) after {comparison.warmup} warm-up(s) per strategy, range in brackets; "
+        f"speedup: {strategy_label(comparison.baseline)}'s median prefill over each strategy's."
+    )
+    return "\n".join(rows) + f"\n\n<small>{note}</small>"
 
 
 def video_text(info: VideoInfo | None, frames: int, visual_tokens: int | None, max_prompt_tokens: int) -> str:
     """What the engine will see of the uploaded video, before running."""
     if info is None:
         return error_text("video_unreadable", "")
-    if visual_tokens is None:
-        estimate = "token estimate unavailable"
-    else:
-        estimate = f"~{visual_tokens:,} visual tokens (estimate)"
+    estimate = "token estimate once the engine is ready" if visual_tokens is None else (
+        f"~{visual_tokens:,} visual tokens (estimate)"
+    )
     line = (
         f"{info.width}×{info.height}, {info.duration_s:.1f} s at {info.fps:.1f} fps ({info.frame_count} frames) · "
         f"sampling {frames} frames → {estimate}"
     )
+    if info.codec not in BROWSER_CODECS:
+        line += f"\n\nYour browser may not play {info.codec} video, but the engine reads it: you can ask about it."
     if visual_tokens is not None and visual_tokens > max_prompt_tokens:
         line += f"\n\n{error_text('too_many_tokens', f'{visual_tokens:,} > {max_prompt_tokens:,}')}"
     return line
+
+
+def engine_banner(health: dict) -> str:
+    """The banner while the engine is not ready ("" once it is)."""
+    state = health["state"]
+    if state == "ready":
+        return ""
+    text = ENGINE_STATES.get(state, f"… **The engine is {state}**; questions asked now wait for it.")
+    return f"{text}: {health['start_error']}" if state == "failed" and health.get("start_error") else text
+
+
+def header_text(health: dict) -> str:
+    where = "GPUs" if health["device"] == "cuda" else "CPU ranks (gloo; timings show the mechanics, not GPU speed)"
+    return (
+        "# APB-V Video QA\n"
+        "Ask questions about a long video. The prefill runs sequence-parallel with **APB-V** (query-aware approximate "
+        "attention); compare it live with **FlashAttention on one GPU** and the other strategies.  \n"
+        f"Engine: `{health['model']}` on {health['world_size']} {where}. Follow-up questions carry the conversation; "
+        "a new video or **Clear** starts over."
+    )

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import replace
 from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,10 +84,11 @@ class PoolChannel:
 
 
 class OneShotChannel:
-    """A single request from this process (the CLI under torchrun): its events go to `on_event`."""
+    """Requests from this process (the CLI under torchrun), served in order, then shutdown: their events go to
+    `on_event`."""
 
-    def __init__(self, request: Request, on_event: Callable[[Event], None]) -> None:
-        self._messages: list[ToEngine] = [Job("cli", request), Shutdown()]
+    def __init__(self, requests: Sequence[Request], on_event: Callable[[Event], None]) -> None:
+        self._messages: list[ToEngine] = [*(Job(f"cli-{i}", r) for i, r in enumerate(requests, 1)), Shutdown()]
         self.on_event = on_event
         self.cancelled: set[str] = set()
 
