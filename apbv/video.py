@@ -10,6 +10,7 @@ to multiples of 28 pixels within per-frame bounds and an even share of a total p
 from __future__ import annotations
 
 import math
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from apbv.errors import NoFrames, VideoNotFound, VideoUnreadable
+from apbv.errors import NoFrames, UnsupportedVideo, VideoNotFound, VideoUnreadable
 
 try:
     import decord
@@ -37,6 +38,8 @@ DEFAULT_FPS = 2.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 MAX_RATIO = 200
+MAX_SOURCE_PIXELS = 8192 * 8192  # larger frames would take gigabytes per decoded batch
+MIN_FPS, MAX_FPS = 0.01, 1000.0  # frame rates a real video header gives (a broken one: 0, 0.0005, 90000)
 
 # Named resolutions of the speed test, as (height, width).
 RESOLUTIONS: dict[str, tuple[int, int]] = {
@@ -163,11 +166,32 @@ def estimate_visual_tokens(height: int, width: int, num_frames: int, **pixels: i
     return _ceil_even(num_frames) // FRAME_FACTOR * (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """Validate a video file with PyAV and return its metadata. Raises the typed errors of `read_video`."""
+def check_video_file(path: str | Path) -> Path:
+    """The path of a regular file (a symbolic link to one is followed), told apart from what is missing and what
+    no reader may open (a directory; a FIFO or device, whose reading could block). Raises VideoNotFound or
+    VideoUnreadable; opens nothing."""
     p = Path(path)
-    if not p.is_file():
-        raise VideoNotFound(f"video file not found: {path}")
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a broken symbolic link)" if p.is_symlink() else ""
+        raise VideoNotFound(f"no such video file: {path}{broken}") from None
+    except ValueError:  # a NUL byte, or a surrogate no file system name encodes to
+        raise VideoNotFound(f"no file can have the name {path!a}") from None
+    except OSError as e:  # permission denied, name too long, a loop of links
+        raise VideoUnreadable(f"cannot open {path} ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise VideoUnreadable(f"{path} is a directory, not a video file")
+    if not stat.S_ISREG(mode):
+        raise VideoUnreadable(f"{path} is not a regular file (a pipe, socket or device); give a video file")
+    return p
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Validate a video file with PyAV and return its metadata. Raises the typed errors of `read_video`, and
+    UnsupportedVideo for frames narrower than qwen-vl-utils' aspect-ratio bound (MAX_RATIO) or above
+    MAX_SOURCE_PIXELS."""
+    p = check_video_file(path)
     if p.stat().st_size == 0:
         raise VideoUnreadable(f"{p.name} is empty (0 bytes)")
     try:
@@ -179,9 +203,17 @@ def probe_video(path: str | Path) -> VideoInfo:
             if first is None:
                 raise NoFrames(f"{p.name} has a video stream but no decodable frames")
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            if fps <= 0:
-                raise VideoUnreadable(f"{p.name} has no usable frame rate")
+            if not MIN_FPS <= fps <= MAX_FPS:  # e.g. an MP4 whose time scale is 0
+                raise VideoUnreadable(f"{p.name} has no usable frame rate ({fps:.3g} frames per second)")
             frame_count = stream.frames or _count_packets(p)
+            if first.height * first.width > MAX_SOURCE_PIXELS:
+                raise UnsupportedVideo(f"{p.name} is {first.width}x{first.height}: larger than 8192x8192 frames")
+            ratio = max(first.height, first.width) / min(first.height, first.width)
+            if ratio > MAX_RATIO:
+                raise UnsupportedVideo(
+                    f"{p.name} is {first.width}x{first.height}: an aspect ratio of {ratio:.0f}:1, beyond the "
+                    f"model's {MAX_RATIO}:1"
+                )
             return VideoInfo(frame_count, fps, first.height, first.width, stream.codec_context.name)
     except av.FFmpegError as e:
         raise VideoUnreadable(f"{p.name} is not a readable video ({_reason(e)})") from e

@@ -169,5 +169,5 @@ def test_bad_files_raise_typed_one_line_errors(videos, kind, error, backend):
 
 
 def test_directory_is_not_a_video(tmp_path):
-    with pytest.raises(VideoNotFound):
+    with pytest.raises(VideoUnreadable, match="is a directory"):  # it exists: not "no such video file"
         read_video(tmp_path)
