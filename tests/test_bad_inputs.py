@@ -237,6 +237,7 @@ def _cli(*args: str | bytes) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", ["-1", "0", "64"])
 def test_cli_refuses_a_world_size_the_machine_cannot_run_at_once(example_video, world_size):
     """It used to wait for the 600 s start timeout (-1), mean every rank (0), or start 64 workers (64)."""
