@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 from apbv.metrics import COMM_WAIT, MetricsRecorder, NullRecorder
 
 _NULL = NullRecorder()
+LOOPBACK_INTERFACE = "lo"  # Linux's loopback interface
 
 
 def free_port() -> int:
@@ -39,6 +42,24 @@ def rank_device() -> torch.device:
 def backend_for(device: torch.device) -> str:
     """NCCL for GPU ranks, gloo for CPU ranks."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_group(device: torch.device, rendezvous_file: str | Path | None = None) -> None:
+    """Join this process's group (RANK and WORLD_SIZE from the environment), with no timeout of its own (an idle
+    engine waits for requests).
+
+    rendezvous_file: the ranks of one host meet through this file (in a directory only the owner can read) and
+    open no rendezvous port; the group's own sockets (gloo pairs, NCCL bootstrap) are kept on the loopback
+    interface. None: torchrun's env:// rendezvous at MASTER_ADDR:MASTER_PORT, which the operator configures (it
+    listens on every interface: several nodes must reach it)."""
+    if rendezvous_file is None:
+        init = "env://"
+    else:
+        init = f"file://{Path(rendezvous_file).resolve()}"
+        os.environ.update(GLOO_SOCKET_IFNAME=LOOPBACK_INTERFACE, NCCL_SOCKET_IFNAME=LOOPBACK_INTERFACE)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world_size,
+                            timeout=timedelta(days=7))  # fmt: skip
 
 
 class Handle:

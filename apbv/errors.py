@@ -28,6 +28,13 @@ class VideoUnreadable(InputError):
     code = "video_unreadable"
 
 
+class UnsupportedVideo(InputError):
+    """A readable video the model cannot take: frames too narrow (an aspect ratio beyond qwen-vl-utils' 200:1) or
+    too large to decode safely (beyond 8192x8192)."""
+
+    code = "unsupported_video"
+
+
 class NoFrames(InputError):
     code = "no_frames"
 
@@ -43,7 +50,8 @@ class EmptyQuestion(InputError):
 
 
 class InvalidQuestion(InputError):
-    """The question contains tokens that would break the prompt layout (e.g. vision special tokens)."""
+    """A turn of the conversation is not plain text: it holds the tokenizer's control tokens (vision tokens,
+    <|im_start|>, ...) or is not encodable as UTF-8 (a lone surrogate)."""
 
     code = "invalid_question"
 
@@ -52,6 +60,19 @@ class TooManyTokens(InputError):
     """The prompt exceeds the configured token budget (memory limit)."""
 
     code = "too_many_tokens"
+
+
+class QuestionTooLong(TooManyTokens):
+    """The conversation's text (question and earlier turns) exceeds its token limit."""
+
+    code = "question_too_long"
+
+
+class InvalidWorldSize(InputError):
+    """A number of ranks this machine cannot run: below 1, more than its GPUs, or on CPU more than its cores or
+    memory hold."""
+
+    code = "invalid_world_size"
 
 
 class LayoutError(InputError):
@@ -94,5 +115,8 @@ class FootageUnavailable(ApbvError):
 
 def error_from_code(code: str, message: str) -> ApbvError:
     """The typed error of a `code` (as sent between processes); unknown codes become a generic EngineError."""
-    by_code = {c.code: c for c in globals().values() if isinstance(c, type) and issubclass(c, ApbvError)}
-    return by_code.get(code, EngineError)(message)
+    return _BY_CODE.get(code, EngineError)(message)
+
+
+_BY_CODE = {c.code: c for c in list(globals().values()) if isinstance(c, type) and issubclass(c, ApbvError)}
+ERROR_CODES: tuple[str, ...] = tuple(sorted(_BY_CODE))  # every code, in a fixed order (an index names a code)

@@ -307,10 +307,12 @@ def build_prompt(
     `question` last) with add_generation_prompt=True and tokenise it (the tokenizer's own template; the Qwen2.5-VL
     one if it has none). The context is everything up to <|vision_end|>; the query the rest.
 
-    Raises EmptyQuestion (blank question), InvalidQuestion (a turn holds vision special tokens) and
-    TooManyTokens (prompt longer than max_tokens; checked before the pixels are processed).
+    Raises EmptyQuestion (blank question), InvalidQuestion (a turn holds one of the tokenizer's control tokens,
+    e.g. <|im_start|> or <|video_pad|>, which would forge roles or vision slots) and TooManyTokens (prompt longer
+    than max_tokens; checked before the pixels are processed).
     """
     messages = chat_messages(question, history)
+    _refuse_control_tokens(tokenizer, [question, *(text for turn in history for text in turn)])
     template = CHAT_TEMPLATE if tokenizer.chat_template is None else None  # checkpoints keeping it elsewhere
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -339,6 +341,16 @@ def build_prompt(
         mm_token_type_ids=((input_ids == pad_id) * VIDEO_TOKEN_TYPE).to(torch.int32),
         visual_tokens=visual_tokens,
     )
+
+
+def _refuse_control_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> None:
+    """Raise InvalidQuestion when a text holds one of the tokenizer's special added tokens (typed as text, the
+    tokenizer would still read it as the control token)."""
+    controls = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    for text in texts:
+        for token in controls:
+            if token in text:
+                raise InvalidQuestion(f"the conversation must not contain the control token {token}")
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:

@@ -12,24 +12,13 @@ from pathlib import Path
 import pytest
 
 from apbv.comm import free_port
+from tests.processes import processes_with
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 180
 QUESTIONS = ("What color was the shape?", "Which shape was shown?")
-
-
-def _processes_with(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries `marker` (the CLI's workers inherit it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
-                found.append(int(proc.name))
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-    return found
 
 
 def _ask(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -39,7 +28,7 @@ def _ask(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProc
     env = {**os.environ, key: value, "HF_HUB_OFFLINE": "1"}
     cmd = [*(launcher or (sys.executable,)), "-m", "apbv", "ask", *args, "--device", "cpu", "--max-new-tokens", "4"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-    assert _processes_with(marker) == []  # no worker outlives the CLI
+    assert processes_with(marker) == []  # no worker outlives the CLI
     return done
 
 

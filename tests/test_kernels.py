@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -104,11 +105,47 @@ def test_math_path_in_chunks_and_fallback(monkeypatch, causal):
 
     monkeypatch.setattr(kernels, "_MATH_ELEMENTS", 4 * 9 * 3)  # 3 query rows per step
     monkeypatch.setattr(kernels, "_backends", lambda q: [("refuses", refuses)])
-    monkeypatch.setattr(kernels, "_usable", {})
+    monkeypatch.setattr(kernels, "_refused", OrderedDict())
     q, k, v = _qkv(4, 2, 9, 9, 8, torch.float64, seed=5)
     out, lse = attend(q, k, v, causal)
     ref_out, ref_lse = masked_attention(q, k, v, causal_mask(9, 9) if causal else torch.ones(1, 9, 9, dtype=torch.bool))
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
-    assert set(kernels._usable.values()) == {False}  # remembered per call shape: not tried again
-    assert all(key[0] == "refuses" and key[2][0] == 4 and key[3][0] == 2 for key in kernels._usable)
+    assert kernels._refused  # remembered per call shape: not tried again
+    assert all(key[0] == "refuses" and key[2][0] == 4 and key[3][0] == 2 for key in kernels._refused)
+
+
+def test_out_of_memory_is_raised_not_taken_for_a_refusal(monkeypatch):
+    """A kernel that runs out of memory exists: the error reaches the caller (the worker exits with its OOM
+    code) instead of falling through to the plain-math path and marking the kernel unusable."""
+    from apbv.attention import kernels
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(kernels, "_backends", lambda q: [("oom", out_of_memory)])
+    monkeypatch.setattr(kernels, "_refused", OrderedDict())
+    q, k, v = _qkv(4, 2, 9, 9, 8, torch.float32, seed=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        attend(q, k, v, causal=True)
+    assert not kernels._refused
+
+
+def test_refusal_memory_stays_bounded_through_a_long_decode(monkeypatch):
+    """CPU flash refuses a value head size other than the query's; decode asks with a new key length every step.
+    The refusals stay remembered up to REFUSED_MAX (least recent dropped), the answers exact throughout."""
+    from apbv.attention import kernels
+
+    monkeypatch.setattr(kernels, "_refused", OrderedDict())
+    monkeypatch.setattr(kernels, "REFUSED_MAX", 16)
+    gen = torch.Generator().manual_seed(3)
+    for sk in range(1, 41):  # one decode step per key length
+        q = torch.randn(4, 1, 8, dtype=torch.float64, generator=gen)
+        k = torch.randn(2, sk, 8, dtype=torch.float64, generator=gen)
+        v = torch.randn(2, sk, 16, dtype=torch.float64, generator=gen)
+        out, lse = attend(q, k, v, causal=False)  # the new token sees every key
+        ref_out, ref_lse = masked_attention(q, k, v, torch.ones(1, 1, sk, dtype=torch.bool))
+        torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    assert len(kernels._refused) == 16
+    assert [key[3][1] for key in kernels._refused] == list(range(25, 41))  # the most recent key lengths

@@ -12,6 +12,7 @@ square, merged by lse.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from functools import partial
 from typing import Callable, Sequence
 
@@ -27,9 +28,11 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _MATH_ELEMENTS = 1 << 26  # score elements per step of the plain-math path (bounds its memory)
 DECODE_ROWS = 16  # calls with at most this many query rows (decode steps) prefer kernels without per-shape plans
 
-# (backend, dtype, q/k shapes, causal) -> False once a backend refused exactly such a call (not tried again for
-# that call shape; other shapes still try it: kernels refuse some lengths or head counts but not others)
-_usable: dict[tuple, bool] = {}
+# (backend, dtype, q/k shapes, causal) of the calls a backend refused (not tried again for that call shape; other
+# shapes still try it: kernels refuse some lengths or head counts but not others). Least recently used first and
+# bounded: decode gives every step a new key length, so a long-running server would otherwise grow it forever.
+_refused: OrderedDict[tuple, None] = OrderedDict()
+REFUSED_MAX = 4096
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,12 +92,17 @@ def _full(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -
         return _empty(q, lse_dtype(q.dtype))
     for name, fn in _backends(q):
         key = (name, q.dtype, tuple(q.shape), tuple(k.shape), causal)
-        if not _usable.get(key, True):
+        if key in _refused:
+            _refused.move_to_end(key)
             continue
         try:
             out, lse = fn(q, k, v, causal, scale)
+        except torch.OutOfMemoryError:  # not a refusal: the kernel exists, the device is full (the caller decides)
+            raise
         except RuntimeError:  # this build/GPU has no such kernel for these inputs: remember and fall through
-            _usable[key] = False
+            _refused[key] = None
+            if len(_refused) > REFUSED_MAX:
+                _refused.popitem(last=False)
             continue
         return out, lse.reshape(q.shape[0], -1)[:, : q.shape[1]].to(lse_dtype(q.dtype))
     return _math(q, k, v, causal, scale)

@@ -6,12 +6,14 @@ that they cross process boundaries unchanged.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from apbv.attention.registry import STRATEGIES
 from apbv.config import Limits
-from apbv.errors import EmptyQuestion, InputError
+from apbv.errors import EmptyQuestion, InputError, InvalidQuestion
 from apbv.metrics import RankMetrics
 
 REQUEST_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)  # what Request.strategy may name
@@ -31,6 +33,7 @@ class Request:
     failing with TooFewFrames).
     history: earlier (question, answer) turns of the conversation about this video, oldest first; the model sees
     them before `question` (the chat template's earlier turns).
+    `check` bounds every field: sizes by the engine's Limits, seed within [0, 2**63), texts valid Unicode.
     """
 
     video_path: str
@@ -53,38 +56,83 @@ class Request:
     history: tuple[tuple[str, str], ...] = ()
 
     def check(self, engine_world_size: int, limits: Limits) -> int:
-        """Reject a request bad on its face (InputError subclasses); returns the ranks it runs on."""
-        if not self.question or not self.question.strip():
+        """Reject a request bad on its face (InputError subclasses): every field's type and range, the texts;
+        returns the ranks it runs on."""
+        _check_types(self)
+        for text in (self.question, *(t for turn in self.history for t in turn)):
+            _check_text(text)
+        if not self.question.strip():
             raise EmptyQuestion("the question is empty")
-        if not all(isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
-                   for turn in self.history):  # fmt: skip
-            raise InputError("history must be a sequence of (question, answer) pairs of strings")
         if self.strategy not in REQUEST_STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(REQUEST_STRATEGIES)}")
         entry = STRATEGIES[self.strategy]
-        w = self.world_size or engine_world_size
+        w = engine_world_size if self.world_size is None else self.world_size
         if not 1 <= w <= engine_world_size:
             raise InputError(f"world_size {w} is outside 1..{engine_world_size} (ranks in this engine)")
         if entry.single_rank and w != 1:
             raise InputError(f"{entry.label} runs on one rank: use world_size 1")
-        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
-            raise InputError(f"max_new_tokens {self.max_new_tokens} is outside 1..{limits.max_new_tokens}")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise InputError(f"num_frames must be >= 1, got {self.num_frames}")
+        _check_range("max_new_tokens", self.max_new_tokens, 1, limits.max_new_tokens)
+        _check_range("num_frames", self.num_frames, 1, limits.max_frames)
+        _check_range("max_pixels", self.max_pixels, 1, limits.max_frame_pixels)
+        _check_range("seed", self.seed, 0, 2**63 - 1)
+        _check_range("temperature", self.temperature, 0, math.inf)
+        _check_range("top_p", self.top_p, 0, 1, low_open=True)
+        _check_range("top_k", self.top_k, 0, math.inf)
+        _check_range("repetition_penalty", self.repetition_penalty, 0, math.inf, low_open=True)
+        for name in ("anchor_ratio", "passing_ratio"):
+            _check_range(name, getattr(self, name), 0, 1)
         if self.fps is not None and not self.fps > 0:
             raise InputError(f"fps must be > 0, got {self.fps}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise InputError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        sampling = {"temperature": (self.temperature, 0, None), "top_p": (self.top_p, 1e-9, 1),
-                    "top_k": (self.top_k, 0, None), "repetition_penalty": (self.repetition_penalty, 1e-9, None)}  # fmt: skip
-        for name, (value, low, high) in sampling.items():
-            if value is not None and not (low <= value and (high is None or value <= high)):
-                raise InputError(f"{name} must be within [{low}, {high if high is not None else 'inf'}], got {value}")
-        for name in ("anchor_ratio", "passing_ratio"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= 1:
-                raise InputError(f"{name} must be within [0, 1], got {value}")
         return w
+
+
+_INT, _REAL, _BOOL, _STR = "an integer", "a finite number", "a boolean", "a string"
+_FIELD_KINDS = {"video_path": _STR, "question": _STR, "strategy": _STR, "world_size": _INT, "num_frames": _INT,
+                "fps": _REAL, "max_pixels": _INT, "uncapped_pixels": _BOOL, "max_new_tokens": _INT,
+                "temperature": _REAL, "top_p": _REAL, "top_k": _INT, "repetition_penalty": _REAL, "seed": _INT,
+                "anchor_ratio": _REAL, "passing_ratio": _REAL, "allow_fewer_ranks": _BOOL}  # fmt: skip
+_OPTIONAL = {"world_size", "num_frames", "fps", "max_pixels", "temperature", "top_p", "top_k", "repetition_penalty",
+             "anchor_ratio", "passing_ratio"}  # fmt: skip
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if isinstance(value, bool):
+        return False
+    if kind == _INT:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _check_types(request: Request) -> None:
+    for name, kind in _FIELD_KINDS.items():
+        value = getattr(request, name)
+        if not (value is None and name in _OPTIONAL) and not _is_kind(value, kind):
+            raise InputError(f"{name} must be {kind}{' or None' if name in _OPTIONAL else ''}, got {value!r:.80}")
+    if not isinstance(request.history, (tuple, list)) or not all(
+        isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        for turn in request.history
+    ):
+        raise InputError("history must be a sequence of (question, answer) pairs of strings")
+
+
+def _check_text(text: str) -> None:
+    """Text the tokenizer can take: encodable as UTF-8 (no lone surrogate, as argv's undecodable bytes become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidQuestion(f"the text is not valid Unicode (a lone surrogate at character {err.start})") from None
+
+
+def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    """None passes (the default applies); else low <= value <= high (low < value when low_open)."""
+    if value is None:
+        return
+    if not ((low < value) if low_open else (low <= value)) or value > high:
+        raise InputError(f"{name} must be within {'(' if low_open else '['}{low}, {high}], got {value}")
 
 
 @dataclass

@@ -2,7 +2,12 @@
 
 One engine thread owns the connection to rank 0 and serves the queue one request at a time: it sends the job,
 forwards events to the request's handle, forwards cancellations, enforces the per-request timeout and watches the
-worker processes. A dead worker fails the request in flight (never silently) and every rank is restarted.
+worker processes, also while idle. A dead worker fails the request in flight (never silently; OutOfMemory when a
+rank exited for lack of memory) and every rank is restarted; queued requests wait through the restart. A rank
+found dead while idle is replaced before the next request.
+
+Local ranks meet through a rendezvous file in the pool's private directory and talk over loopback only
+(`apbv.comm.init_group`); each exits when the pool's process is gone. They find `apbv` from any working directory.
 
 Cancellation is honoured at token boundaries: a queued request is dropped before it starts; a running one stops
 at its next sampled token (the first one comes after prefill, which is never interrupted) and ends 'cancelled'.
@@ -28,6 +33,7 @@ from typing import Iterator
 
 import torch
 
+import apbv
 from apbv.comm import free_port
 from apbv.config import Limits
 from apbv.engine.api import Event, Request, Result
@@ -42,6 +48,7 @@ from apbv.engine.protocol import (
     ToEngine,
     WorkerOptions,
 )
+from apbv.engine.resources import checked_world_size, cores
 from apbv.errors import (
     ApbvError,
     Busy,
@@ -49,14 +56,18 @@ from apbv.errors import (
     EngineError,
     OutOfMemory,
     RequestTimeout,
-    VideoNotFound,
     WorkerDied,
     error_from_code,
 )
 from apbv.model.loading import default_model_path
+from apbv.video import check_video_file
 
 TERMINAL = ("result", "error", "cancelled")
 START_TIMEOUT_S = 600.0
+IDLE_POLL_S = 0.1  # how often the idle engine thread looks at the queue and the ranks
+RESTART_ATTEMPTS = 3  # failed restarts in a row before the engine is marked failed and its queue fails
+OOM_WAIT_S = 1.0  # after a rank failed: how long to wait for the ranks' exit codes (one may say out of memory)
+PACKAGE_ROOT = Path(apbv.__file__).resolve().parent.parent  # where `import apbv` finds this package
 
 
 class RequestHandle:
@@ -109,8 +120,9 @@ class EnginePool:
     """A pool of rank processes serving requests one at a time.
 
     model: hub id or local path (None: the embedded model); world_size: ranks (None: visible GPUs, else 2 CPU
-    ranks); device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce;
-    options: the workers' own (video cache size, shipping videos to the ranks).
+    ranks; InvalidWorldSize at once when below 1, above the GPUs, or on CPU above the cores or the memory);
+    device: "cpu" or "cuda" (None: cuda when available); limits: per-request limits the ranks enforce (None:
+    `Limits.for_device`); options: the workers' own (video cache size, shipping videos to the ranks).
 
     attach: "HOST:PORT" of rank 0 of workers started elsewhere, e.g. by torchrun on several nodes (README); the
     key is APBV_AUTHKEY, world size, device and model are theirs. The pool then starts no process: after a
@@ -125,23 +137,22 @@ class EnginePool:
         device: str | None = None,
         queue_size: int = 8,
         request_timeout_s: float = 600.0,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         attach: str | None = None,
         options: WorkerOptions = WorkerOptions(),
     ) -> None:
         self.attach = attach
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        gpus = torch.cuda.device_count() if self.device == "cuda" else 0
-        self.world_size = world_size or (gpus or 2)
-        if self.device == "cuda" and self.world_size > gpus and attach is None:
-            raise ValueError(f"{self.world_size} ranks requested but only {gpus} GPUs are visible")
         self.model = model
+        self.world_size = world_size if attach else checked_world_size(world_size, self.device, model)
         self.request_timeout_s = request_timeout_s
-        self.limits = limits
+        self.limits = limits or Limits.for_device(self.device)
         self.options = options
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=queue_size)
+        self._live: dict[str, RequestHandle] = {}  # submitted and not yet ended: what cancel() may name
         self._cancel: set[str] = set()
         self._ids = itertools.count(1)
+        self._starts = itertools.count()
         self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._conn: Connection | None = None
@@ -187,6 +198,13 @@ class EnginePool:
             except queue.Empty:
                 return
             handle._put(Event("error", {"code": error.code, "message": str(error)}))
+            self._forget(handle.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """A request has ended: cancel() no longer names it."""
+        with self._lock:
+            self._live.pop(request_id, None)
+            self._cancel.discard(request_id)
 
     def __enter__(self) -> "EnginePool":
         return self.start()
@@ -202,16 +220,21 @@ class EnginePool:
         running = self._running
         ahead = self._queue.qsize() + (self.state != "ready" or (running is not None and not running.done.is_set()))
         handle._put(Event("queued", {"position": ahead}))  # first, before the engine sees it
+        with self._lock:
+            self._live[handle.request_id] = handle
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
+            with self._lock:
+                del self._live[handle.request_id]
             raise Busy(f"the engine is busy ({self._queue.maxsize} requests queued); try again shortly") from None
         return handle
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a queued request, or a running one at its next token."""
+        """Cancel a queued request, or a running one at its next token; an id that is neither is ignored."""
         with self._lock:
-            self._cancel.add(request_id)
+            if request_id in self._live:
+                self._cancel.add(request_id)
 
     def health(self) -> dict:
         """Liveness, state ("starting", "ready", "restarting" or "failed"), size, queue length, restarts, worker pids
@@ -222,8 +245,9 @@ class EnginePool:
         else:
             alive = bool(self._procs) and all(p.poll() is None for p in self._procs)
         info = self.info
+        model = info.model if info else self.model or ("embedded" if not self.attach else f"attached at {self.attach}")
         return {"alive": alive, "state": self.state, "world_size": self.world_size, "device": self.device,
-                "model": info.model if info else self.model or "embedded", "queued": self._queue.qsize(),
+                "model": model, "queued": self._queue.qsize(),
                 "restarts": self.restarts, "pids": [p.pid for p in self._procs],
                 "video_pixels": dict(info.video_pixels) if info else {},
                 "max_prompt_tokens": self.limits.max_prompt_tokens}
@@ -232,8 +256,7 @@ class EnginePool:
         if self.state == "failed":
             raise EngineError(f"the engine did not start: {self.start_error}")
         request.check(self.world_size, self.limits)
-        if not os.path.isfile(request.video_path):
-            raise VideoNotFound(f"no such video file: {request.video_path}")
+        check_video_file(request.video_path)
 
     # ---- workers ---------------------------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -243,18 +266,20 @@ class EnginePool:
             return
         authkey = secrets.token_bytes(16)
         listen = f"127.0.0.1:{free_port()}"
-        base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                "WORLD_SIZE": str(self.world_size), "APBV_AUTHKEY": authkey.hex(), "OMP_NUM_THREADS": os.environ.get(
-                    "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.world_size)))}
+        path = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        base = {**os.environ, "WORLD_SIZE": str(self.world_size), "APBV_AUTHKEY": authkey.hex(), "PYTHONPATH": path,
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores() // self.world_size)))}
         if self.device == "cpu":
             base["CUDA_VISIBLE_DEVICES"] = ""
         model = self.model or str(default_model_path())  # resolved once, before any rank starts
-        cmd = [sys.executable, "-m", "apbv.engine.worker", "--listen", listen, "--model", model,
-               "--limits", json.dumps(asdict(self.limits)), *self.options.as_args()]
+        rendezvous = self._logs / f"rendezvous-{next(self._starts)}"  # a new file for every start
+        cmd = [sys.executable, "-m", "apbv.engine.parent_watch", str(os.getpid()), "apbv.engine.worker",
+               "--listen", listen, "--model", model, "--limits", json.dumps(asdict(self.limits)),
+               "--rendezvous-file", str(rendezvous), *self.options.as_args()]  # fmt: skip
         self._procs = []
         for rank in range(self.world_size):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            with open(self._logs / f"rank{rank}.log", "ab") as log:
+            with open(self._logs / f"rank{rank}.log", "wb") as log:  # this start's ranks only
                 self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         self._handshake(listen, authkey)
 
@@ -280,20 +305,53 @@ class EnginePool:
                 time.sleep(0.1)
 
     def _check_alive(self) -> None:
-        for rank, proc in enumerate(self._procs):
-            code = proc.poll()
+        """Raise OutOfMemory when a rank exited for lack of memory, else WorkerDied when any rank exited."""
+        codes = [proc.poll() for proc in self._procs]
+        if EXIT_OUT_OF_MEMORY in codes:
+            rank = codes.index(EXIT_OUT_OF_MEMORY)
+            raise OutOfMemory(f"rank {rank} ran out of memory; use fewer frames or a lower resolution")
+        for rank, code in enumerate(codes):
             if code is not None:
-                tail = self._log_tail(rank)
-                if code == EXIT_OUT_OF_MEMORY:
-                    raise OutOfMemory(f"rank {rank} ran out of memory; use fewer frames or a lower resolution")
-                raise WorkerDied(f"rank {rank} exited with code {code}" + (f": {tail}" if tail else ""))
+                error = self._log_error(rank)
+                raise WorkerDied(f"rank {rank} exited with code {code}" + (f": {error}" if error else ""))
 
-    def _log_tail(self, rank: int) -> str:
+    def _diagnose(self, error: WorkerDied) -> ApbvError:
+        """What a request that lost a rank ends with: OutOfMemory when a rank exited for lack of memory (rank 0's
+        collective fails, and reports, before that rank's exit code is seen), else `error`."""
+        deadline = time.monotonic() + OOM_WAIT_S
+        while self._procs:
+            try:
+                self._check_alive()
+            except OutOfMemory as oom:
+                return oom
+            except WorkerDied:
+                pass
+            if all(proc.poll() is not None for proc in self._procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return error
+
+    def _log_error(self, rank: int) -> str:
+        """The exception a rank's log ends with (the last line of its last traceback); "" when it has none."""
         try:
-            lines = (self._logs / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+            lines = (self._logs / f"rank{rank}.log").read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return lines[-1][:300] if lines else ""
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+        raised = [line for line in lines[starts[-1] + 1 :] if line.strip() and not line[0].isspace()] if starts else []
+        return raised[0][:300] if raised else ""
+
+    def _ranks_alive(self) -> bool:
+        """Whether every rank is still there: the local processes, or the connection to attached ones (anything
+        rank 0 says while idle is stale and dropped)."""
+        if not self.attach:
+            return all(proc.poll() is None for proc in self._procs)
+        try:
+            while self._conn.poll():
+                self._conn.recv()
+        except (OSError, EOFError, AttributeError):  # AttributeError: no connection at all
+            return False
+        return True
 
     def _shutdown_workers(self) -> None:
         if self._conn is not None:
@@ -312,16 +370,12 @@ class EnginePool:
         self._procs = []
 
     def _restart(self) -> None:
+        """Replace every rank: kill the local ones, ask attached ones to exit (torchrun starts them afresh; a send
+        that fails leaves no connection behind), start again."""
         self.state = "restarting"
         for proc in self._procs:
             proc.kill()
-        for proc in self._procs:
-            proc.wait()
-        if self._conn is not None:
-            if self.attach:  # ask the remote ranks to exit, so that torchrun starts them afresh
-                self._send(Shutdown())
-            self._conn.close()
-            self._conn = None
+        self._shutdown_workers()
         self.restarts += 1
         self._spawn()
         self.state = "ready"
@@ -332,24 +386,31 @@ class EnginePool:
             return
         while not self._closing.is_set():
             try:
-                handle = self._queue.get(timeout=0.1)
+                handle = self._queue.get(timeout=IDLE_POLL_S)
             except queue.Empty:
+                if self.state == "ready" and not self._ranks_alive():  # replace a dead rank before the next request
+                    self._recover()
                 continue
             self._running = handle
             try:
                 if handle.request_id in self._cancel:
                     handle._put(Event("cancelled", {}))
                     continue
+                if not self._ranks_alive():  # lost since the last look: replace it first
+                    self._recover()
+                if self.state == "failed":
+                    raise WorkerDied(f"the engine {self.start_error}")
                 self._run(handle)
             except Exception as err:  # noqa: BLE001  (never let the engine thread die: fail the request)
                 if not isinstance(err, ApbvError):
                     err = EngineError(f"engine failure: {err!r}")
+                elif isinstance(err, WorkerDied):
+                    err = self._diagnose(err)
                 handle._put(Event("error", {"code": err.code, "message": str(err)}))
                 self._recover()
             finally:
                 self._running = None
-                with self._lock:
-                    self._cancel.discard(handle.request_id)
+                self._forget(handle.request_id)
 
     def _first_start(self) -> bool:
         """The engine thread's start of the ranks (start(wait=False)); on failure every request, queued now or
@@ -366,15 +427,23 @@ class EnginePool:
         return True
 
     def _recover(self) -> None:
-        """Restart every rank after a failure; retries until it works or the pool closes. Requests queued
-        meanwhile fail at each failed attempt rather than wait on an engine that is down."""
-        while not self._closing.is_set():
+        """Restart every rank after a failure; queued requests wait through it (a rank lost during the restart
+        costs another attempt, not the queue). After RESTART_ATTEMPTS failed attempts in a row the engine is
+        marked failed (for good) and every queued request fails with the reason."""
+        if self.state == "failed":
+            return
+        for _ in range(RESTART_ATTEMPTS):
+            if self._closing.is_set():
+                return
             try:
                 self._restart()
                 return
             except Exception as err:  # noqa: BLE001  (start failures, refused or broken connections)
-                self._fail_queued(WorkerDied(f"the engine is restarting after a failure ({err})"))
+                reason = str(err)
                 time.sleep(1.0)
+        self.start_error = f"the ranks could not be restarted ({reason})"
+        self.state = "failed"
+        self._fail_queued(WorkerDied(f"the engine {self.start_error}"))
 
     def _send(self, message: ToEngine) -> None:
         try:
@@ -420,3 +489,4 @@ class EnginePool:
             handle._put(event)
             if event.kind in TERMINAL:
                 return
+

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from apbv.comm import Comm
+from apbv.errors import ERROR_CODES, InputError, error_from_code
 from apbv.inputs import ProcessorSpec, patchify, shard_frames
 from apbv.metrics import PREPROCESS, READ, MetricsRecorder
 from apbv.model.qwen2_5_vl import QwenVLRank
@@ -156,14 +157,33 @@ def video_embeddings(
                 cache.put(key, cached)
         return cached
     indices = shard_frames(plan.indices, mine, spec)
-    with _readable_path(plan, comm, files, metrics) as path:
-        chunks = decoded_chunks(path, plan, indices, chunk_frames(plan.sizes[0], spec), metrics,
-                                pin=rank_model.device.type == "cuda")  # fmt: skip
-        local = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
+    failure = None
+    try:
+        with _readable_path(plan, comm, files, metrics) as path:
+            chunks = decoded_chunks(path, plan, indices, chunk_frames(plan.sizes[0], spec), metrics,
+                                    pin=rank_model.device.type == "cuda")  # fmt: skip
+            local = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
+    except InputError as err:  # corrupt or truncated data past what the probe saw, found by this rank
+        failure = err
+    _raise_any_rank_failure(failure, comm, metrics)
     embeddings = rank_model.gather_video(local, tokens_per_rank, comm, metrics)
     if cache is not None:
         cache.put(key, embeddings)
     return embeddings
+
+
+def _raise_any_rank_failure(failure: InputError | None, comm: Comm, metrics: MetricsRecorder) -> None:
+    """Every rank learns whether any rank could not read its frames, and then all raise that rank's typed error
+    together (the group stays in step: no rank waits in a collective for one that gave up)."""
+    code = ERROR_CODES.index(failure.code) if failure is not None else -1
+    codes = [int(c) for c in comm.all_gather(torch.tensor([code], dtype=torch.int32, device=comm.device), metrics=metrics)]
+    failed = [(rank, c) for rank, c in enumerate(codes) if c >= 0]
+    if not failed:
+        return
+    rank, c = failed[0]
+    if rank == comm.rank:
+        raise failure
+    raise error_from_code(ERROR_CODES[c], f"rank {rank} could not read its frames of the video ({ERROR_CODES[c]})")
 
 
 def _same_file(plan: VideoPlan) -> bool:

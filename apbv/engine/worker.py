@@ -4,10 +4,12 @@ Started by `EnginePool` (one subprocess per rank) or by torchrun for several nod
 carries RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 listens on `--listen HOST:PORT` for one
 pool connection and speaks `apbv.engine.protocol` over it.
 
-Rank 0 prepares each job (bad input is answered there, no other rank involved), then broadcasts the header to all
-ranks; ranks of the job's group run it, every rank joins the final metrics gather. An error inside a running job
-cannot be recovered without tearing down the group, so the process exits (EXIT_OUT_OF_MEMORY for out-of-memory)
-and the pool restarts all ranks.
+Rank 0 admits and prepares each job (bad input is answered there, no other rank involved: any exception while
+preparing ends that request with an error and the rank serves on), then broadcasts the header to all ranks; ranks
+of the job's group run it, every rank joins the final metrics gather. An error inside a running job cannot be
+recovered without tearing down the group, so the process exits (EXIT_OUT_OF_MEMORY for out-of-memory) and the
+pool restarts all ranks. A rank whose pool is gone exits too (EXIT_POOL_LOST): rank 0 when its connection closes,
+every rank of a local pool when its parent process dies (`apbv.engine.parent_watch`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import sys
 import traceback
 from dataclasses import replace
-from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol, Sequence
 
@@ -26,10 +27,13 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from apbv.comm import Comm, backend_for, rank_device
+from apbv.comm import Comm, init_group, rank_device
 from apbv.config import Limits
+from apbv.engine.admission import admit
 from apbv.engine.api import Event, Request, Result
+from apbv.engine.faults import install_faults
 from apbv.engine.job import JobHeader, gather_metrics, prepare_job, run_job
+from apbv.engine.parent_watch import EXIT_POOL_LOST
 from apbv.engine.protocol import (
     EXIT_OUT_OF_MEMORY,
     Cancel,
@@ -42,15 +46,15 @@ from apbv.engine.protocol import (
     WorkerOptions,
 )
 from apbv.engine.video_cache import VideoCache
-from apbv.errors import ApbvError, Cancelled
+from apbv.errors import ApbvError, Cancelled, EngineError, InputError, WorkerDied
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
 
 
 class Channel(Protocol):
-    """Rank 0's link to whoever submits requests: messages in, events out."""
-
-    cancelled: set[str]
+    """Rank 0's link to whoever submits requests: messages in, events out. A cancel counts only for the request
+    running when it comes (the pool cancels queued requests itself; a late one, for a request that has already
+    ended, is dropped)."""
 
     def recv(self) -> ToEngine: ...
 
@@ -64,23 +68,28 @@ class PoolChannel:
 
     def __init__(self, conn: Connection, info: EngineInfo) -> None:
         self.conn = conn
-        self.cancelled: set[str] = set()
+        self.lost = False  # the pool closed the connection without asking for a shutdown
         conn.send(Ready(info))
 
     def recv(self) -> ToEngine:
-        return self.conn.recv()
+        """The next message; a closed connection reads as Shutdown (with `lost` set)."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.lost = True
+            return Shutdown()
 
     def send(self, request_id: str, kind: str, data: dict) -> None:
         self.conn.send(EventMessage(request_id, Event(kind, data)))
 
     def poll_cancel(self, request_id: str) -> bool:
+        cancelled = False
         while self.conn.poll():
-            msg = self.conn.recv()
-            if isinstance(msg, Cancel):
-                self.cancelled.add(msg.request_id)
-            elif isinstance(msg, Shutdown):
-                raise SystemExit(0)
-        return request_id in self.cancelled
+            msg = self.recv()
+            if isinstance(msg, Shutdown):
+                raise SystemExit(EXIT_POOL_LOST if self.lost else 0)
+            cancelled |= isinstance(msg, Cancel) and msg.request_id == request_id
+        return cancelled
 
 
 class OneShotChannel:
@@ -90,7 +99,6 @@ class OneShotChannel:
     def __init__(self, requests: Sequence[Request], on_event: Callable[[Event], None]) -> None:
         self._messages: list[ToEngine] = [*(Job(f"cli-{i}", r) for i, r in enumerate(requests, 1)), Shutdown()]
         self.on_event = on_event
-        self.cancelled: set[str] = set()
 
     def recv(self) -> ToEngine:
         return self._messages.pop(0)
@@ -113,15 +121,20 @@ def _prefix_groups(world_size: int) -> dict[int, dist.ProcessGroup]:
 def serve(
     model: str | None,
     make_channel: Callable[[EngineInfo], Channel],
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
+    rendezvous_file: str | None = None,
     options: WorkerOptions = WorkerOptions(),
-) -> None:
-    """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded."""
+) -> Channel | None:
+    """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded. limits:
+    None for the device's defaults (`Limits.for_device`); rendezvous_file: see `apbv.comm.init_group`; options:
+    the video cache and whether ranks > 0 read video paths. Returns rank 0's channel (None on the other ranks)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device()
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=timedelta(days=7))
+    limits = limits or Limits.for_device(device.type)
+    init_group(device, rendezvous_file)
     groups = _prefix_groups(world_size)
     loaded = load_model(model, device)
+    install_faults(loaded, rank)
     channel = None
     if rank == 0:
         channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
@@ -129,6 +142,7 @@ def serve(
     while _serve_next(rank, world_size, device, groups, loaded, channel, limits, cache, options):
         pass
     dist.destroy_process_group()
+    return channel
 
 
 def _serve_next(
@@ -160,36 +174,38 @@ def _serve_next(
         comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
         record = _run_rank(header, loaded, comm, channel, metrics, cache, options.ship_videos and rank > 0)
     records = gather_metrics(record, world_size)
-    if rank == 0:
-        if record.get("cancelled"):
+    if rank == 0 and not record["failed"]:  # a failed request has had its error event
+        if record["cancelled"]:
             channel.send(header.request_id, "cancelled", {})
         else:
             channel.send(header.request_id, "result", _result(header, records, loaded).to_dict())
-        channel.cancelled.discard(header.request_id)
     return True
 
 
 def _next_job(
     channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device
 ) -> tuple[JobHeader | Shutdown, MetricsRecorder | None]:
-    """Rank 0: wait for the next valid job; answers bad requests directly. Returns (header, metrics)."""
+    """Rank 0: wait for the next valid job; answers bad requests directly (any exception while preparing one ends
+    that request: an ApbvError with its own code, anything else as an engine error). Returns (header, metrics)."""
     while True:
         msg = channel.recv()
         if isinstance(msg, Shutdown):
             return msg, None
-        if isinstance(msg, Cancel):
-            channel.cancelled.add(msg.request_id)
+        if isinstance(msg, Cancel):  # late: its request has already ended
             continue
         request_id, request = msg.request_id, msg.request
-        if request_id in channel.cancelled:
-            channel.send(request_id, "cancelled", {})
-            continue
         metrics = MetricsRecorder(0, device, on_span=lambda name: channel.send(request_id, "stage", {"name": name}))
         try:
             w = request.check(world_size, limits)
+            admit(request, loaded.tokenizer, limits)
             header = prepare_job(request_id, request, w, loaded, limits, metrics)
         except ApbvError as err:
             channel.send(request_id, "error", {"code": err.code, "message": str(err)})
+            continue
+        except Exception as err:  # noqa: BLE001  (nothing has reached the other ranks: fail the request, serve on)
+            traceback.print_exc()
+            message = f"could not prepare the request ({type(err).__name__}: {str(err)[:200]})"
+            channel.send(request_id, "error", {"code": EngineError.code, "message": message})
             continue
         return header, metrics
 
@@ -209,7 +225,7 @@ def _run_rank(
     if comm.rank == 0:
         stream = _TokenStream(loaded.tokenizer, lambda text, tid: channel.send(rid, "token", {"text": text, "token_id": tid}))
         should_stop = lambda: channel.poll_cancel(rid)  # noqa: E731
-    cancelled = False
+    cancelled = failed = False
     try:
         tokens = run_job(header, loaded.rank_model, loaded.spec, comm, metrics, should_stop, cache=cache,
                          ship_videos=ship_videos)  # fmt: skip
@@ -218,16 +234,24 @@ def _run_rank(
                 stream.push(token)
     except Cancelled:
         cancelled = True
+    except InputError as err:  # raised on every rank of the job at the same step (a video no rank could read)
+        if channel is not None:
+            channel.send(rid, "error", {"code": err.code, "message": str(err)})
+        failed = True
     except torch.cuda.OutOfMemoryError:
         traceback.print_exc()
         os._exit(EXIT_OUT_OF_MEMORY)
-    except Exception:  # the group may be wedged: exit so that the pool restarts every rank
+    except Exception as err:  # the group may be wedged: exit so that the pool restarts every rank
         traceback.print_exc()
         if channel is not None:
-            channel.send(rid, "error", {"code": "worker_died", "message": f"rank {comm.rank} failed: {sys.exc_info()[1]}"})
+            try:
+                channel.send(rid, "error", {"code": WorkerDied.code, "message": f"rank {comm.rank} failed: {err}"})
+            except OSError:  # the pool is gone as well
+                pass
         os._exit(1)
     record = metrics.finish().to_dict()
     record["cancelled"] = cancelled
+    record["failed"] = failed
     record["token_ids"] = stream.ids if stream is not None else []
     return record
 
@@ -254,7 +278,8 @@ class _TokenStream:
 
 def _result(header: JobHeader, records: list[dict], loaded: LoadedModel) -> Result:
     ids = records[0]["token_ids"]
-    ranks = [RankMetrics.from_dict({k: v for k, v in r.items() if k not in ("cancelled", "token_ids")}) for r in records]
+    outcome = ("cancelled", "failed", "token_ids")
+    ranks = [RankMetrics.from_dict({k: v for k, v in r.items() if k not in outcome}) for r in records]
     return Result(
         request_id=header.request_id,
         answer=loaded.tokenizer.decode(ids, skip_special_tokens=True),
@@ -273,7 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="APB-V engine rank process (started by EnginePool or torchrun)")
     parser.add_argument("--model", default=None, help="hub id or local path; default: the embedded model")
     parser.add_argument("--listen", default="127.0.0.1:29600", help="rank 0: address the pool connects to")
-    parser.add_argument("--limits", default="{}", help="per-request limits: JSON of apbv.config.Limits fields")
+    parser.add_argument("--limits", default=None, help="per-request limits: JSON of apbv.config.Limits fields "
+                        "(default: Limits.for_device)")
+    parser.add_argument("--rendezvous-file", default=None,
+                        help="ranks of one host meet through this file, opening no port (default: torchrun's env://)")
     parser.add_argument("--video-cache-mb", type=int, default=WorkerOptions.video_cache_mb,
                         help="device memory per rank for encoded videos (0: off)")
     parser.add_argument("--ship-videos", action="store_true",
@@ -286,7 +314,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rank 0 listening on {args.listen} for the pool", file=sys.stderr, flush=True)
             return PoolChannel(listener.accept(), info)
 
-    serve(args.model, accept_pool, Limits(**json.loads(args.limits)), WorkerOptions(args.video_cache_mb, args.ship_videos))
+    limits = Limits(**json.loads(args.limits)) if args.limits else None
+    options = WorkerOptions(args.video_cache_mb, args.ship_videos)
+    channel = serve(args.model, accept_pool, limits, args.rendezvous_file, options)
+    if channel is not None and channel.lost:
+        sys.exit(EXIT_POOL_LOST)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the sampled frames on every rank, resize on the rank's own device.
 
 from .decode import decode_frames
 from .plan import VideoPlan, content_hash, plan_video, read_video, resize_planned
-from .probe import VideoInfo, probe_video
+from .probe import VideoInfo, check_video_file, probe_video
 from .resize import resize_frames
 from .sampling import (
     DEFAULT_FPS,
@@ -33,6 +33,6 @@ from .sampling import (
 __all__ = [
     "DEFAULT_FPS", "FRAME_FACTOR", "IMAGE_FACTOR", "IMAGE_MAX_PIXELS", "IMAGE_MIN_PIXELS", "RESOLUTIONS",
     "VIDEO_MAX_PIXELS", "VIDEO_MIN_PIXELS", "VIDEO_TOTAL_PIXELS", "SampledVideo", "VideoInfo", "VideoPlan",
-    "content_hash", "decode_frames", "estimate_visual_tokens", "frame_size", "plan_video", "probe_video", "read_video",
+    "check_video_file", "content_hash", "decode_frames", "estimate_visual_tokens", "frame_size", "plan_video", "probe_video", "read_video",
     "resize_frames", "resize_planned", "sample_frame_count", "sample_indices", "smart_resize", "synthetic_video",
 ]  # fmt: skip

@@ -8,13 +8,19 @@ and of the keyframes) lets a rank seek straight to the keyframe before the frame
 from __future__ import annotations
 
 import bisect
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 
-from apbv.errors import NoFrames, VideoNotFound, VideoUnreadable
+from apbv.errors import NoFrames, UnsupportedVideo, VideoNotFound, VideoUnreadable
+
+from .sampling import MAX_RATIO
+
+MAX_SOURCE_PIXELS = 8192 * 8192  # larger frames would take gigabytes per decoded chunk
+MIN_FPS, MAX_FPS = 0.01, 1000.0  # frame rates a real video header gives (a broken one: 0, 0.0005, 90000)
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,34 @@ class VideoInfo:
         return self.keyframe_pts[at] if at >= 0 else None
 
 
+def check_video_file(path: str | Path) -> Path:
+    """The path of a regular file (a symbolic link to one is followed), told apart from what is missing and what
+    no reader may open (a directory; a FIFO or device, whose reading could block). Raises VideoNotFound or
+    VideoUnreadable; opens nothing."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a broken symbolic link)" if p.is_symlink() else ""
+        raise VideoNotFound(f"no such video file: {path}{broken}") from None
+    except ValueError:  # a NUL byte, or a surrogate no file system name encodes to
+        raise VideoNotFound(f"no file can have the name {path!a}") from None
+    except OSError as e:  # permission denied, name too long, a loop of links
+        raise VideoUnreadable(f"cannot open {path} ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise VideoUnreadable(f"{path} is a directory, not a video file")
+    if not stat.S_ISREG(mode):
+        raise VideoUnreadable(f"{path} is not a regular file (a pipe, socket or device); give a video file")
+    return p
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Validate a video file with PyAV (opens, has a video stream, its first frame decodes) and index its packets.
 
-    Raises VideoNotFound, VideoUnreadable (not a video, corrupt, truncated, no usable rate) or NoFrames.
+    Raises VideoNotFound, VideoUnreadable (not a video, corrupt, truncated, no usable rate), NoFrames, and
+    UnsupportedVideo for frames beyond qwen-vl-utils' aspect-ratio bound (MAX_RATIO) or above MAX_SOURCE_PIXELS.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise VideoNotFound(f"video file not found: {path}")
+    p = check_video_file(path)
     if p.stat().st_size == 0:
         raise VideoUnreadable(f"{p.name} is empty (0 bytes)")
     try:
@@ -64,8 +90,14 @@ def probe_video(path: str | Path) -> VideoInfo:
             if first is None:
                 raise NoFrames(f"{p.name} has a video stream but no decodable frames")
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            if fps <= 0:
-                raise VideoUnreadable(f"{p.name} has no usable frame rate")
+            if not MIN_FPS <= fps <= MAX_FPS:  # e.g. an MP4 whose time scale is 0
+                raise VideoUnreadable(f"{p.name} has no usable frame rate ({fps:.3g} frames per second)")
+            if first.height * first.width > MAX_SOURCE_PIXELS:
+                raise UnsupportedVideo(f"{p.name} is {first.width}x{first.height}: larger than 8192x8192 frames")
+            ratio = max(first.height, first.width) / min(first.height, first.width)
+            if ratio > MAX_RATIO:
+                raise UnsupportedVideo(f"{p.name} is {first.width}x{first.height}: an aspect ratio of {ratio:.0f}:1, "
+                                       f"beyond the model's {MAX_RATIO}:1")  # fmt: skip
             container.seek(0, stream=stream)
             frame_pts, keyframe_pts = _packet_index(container, stream)
             frame_count = stream.frames or len(frame_pts)

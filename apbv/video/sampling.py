@@ -98,17 +98,14 @@ def frame_size(
     of 128k tokens by default). A given `max_pixels` can lower the cap, never raise it, unless `uncapped` (this
     project's option for runs beyond qwen-vl-utils' sizes, e.g. the speed tests at full 1440p).
 
-    Raises InputError where qwen-vl-utils refuses: max_pixels below min_pixels, or an aspect ratio above 200."""
+    Raises InputError where qwen-vl-utils refuses: max_pixels below min_pixels."""
     total = VIDEO_TOTAL_PIXELS if total_pixels is None else total_pixels
     cap = max(min(VIDEO_MAX_PIXELS, total / num_frames * FRAME_FACTOR), int(min_pixels * 1.05))
     if max_pixels is not None:
         cap = max_pixels if uncapped else min(max_pixels, cap)
     if cap < min_pixels:
         raise InputError(f"max_pixels {int(cap)} is below the minimum of {min_pixels} pixels per frame")
-    try:
-        return smart_resize(height, width, IMAGE_FACTOR, min_pixels, cap)
-    except ValueError as e:  # the aspect ratio
-        raise InputError(f"a {width}x{height} video cannot be read: {e}") from None
+    return smart_resize(height, width, IMAGE_FACTOR, min_pixels, cap)
 
 
 def sample_frame_count(
