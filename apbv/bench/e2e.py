@@ -162,11 +162,12 @@ def transformers_pipeline_s(path: Path, request: Request, model, tokenizer, devi
     for _ in range(args.warmup + args.repeats):
         _sync(device)
         t0 = time.perf_counter()
-        _, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
+        _, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True, return_video_metadata=True)
         t1 = time.perf_counter()
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        fps = video_kwargs.pop("fps")[0]  # one video; transformers 5 takes the rate as a number
-        inputs = processor(text=[text], videos=videos, fps=fps, return_tensors="pt", **video_kwargs).to(device)
+        frames, metadata = videos[0]  # transformers 5 takes the sampled rate from the video's metadata
+        inputs = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
+                           **video_kwargs).to(device)  # fmt: skip
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
         _sync(device)
         t2 = time.perf_counter()
