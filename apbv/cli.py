@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from apbv.attention.registry import STRATEGY_NAMES, ranks_for
+from apbv.attention.registry import ranks_for
 from apbv.config import Limits
-from apbv.engine.api import Event, Request, Result
+from apbv.engine.api import REQUEST_STRATEGIES, Event, Request, Result
 from apbv.errors import ApbvError, InputError, TooFewFrames, error_from_code
 from apbv.video import DEFAULT_FPS, FRAME_FACTOR, probe_video, sample_frame_count
 
@@ -44,19 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--questions", dest="questions_file", default=None, metavar="FILE",
                      help="a text file of questions, one per line (blank lines skipped)")
     ask.add_argument("--model", default=None, help="hub id or local path (default: the embedded model)")
-    ask.add_argument("--strategy", choices=STRATEGY_NAMES, default=Request.strategy)
+    ask.add_argument("--strategy", choices=REQUEST_STRATEGIES, default=Request.strategy,
+                     help="auto (default): the strategy and ranks predicted fastest for the prompt")
     ask.add_argument("--world-size", type=int, default=None, help="ranks (default: visible GPUs, else 2 CPU ranks)")
     ask.add_argument("--device", choices=("cpu", "cuda"), default=None)
     frames = ask.add_mutually_exclusive_group()
     frames.add_argument("--frames", type=int, default=None, help="number of frames to sample")
     frames.add_argument("--fps", type=float, default=None,
                         help=f"frames per second to sample (neither: the engine's default, {DEFAULT_FPS:g} per second)")
-    ask.add_argument("--max-pixels", type=int, default=None, help="pixel budget per frame")
+    ask.add_argument("--max-pixels", type=int, default=None,
+                     help="pixel budget per frame (lowers qwen-vl-utils' per-frame cap; see --uncapped-pixels)")
+    ask.add_argument("--uncapped-pixels", action="store_true",
+                     help="honour --max-pixels above qwen-vl-utils' per-frame cap and the model processor's bounds")
     ask.add_argument("--anchor-ratio", type=float, default=None)
     ask.add_argument("--passing-ratio", type=float, default=None)
     ask.add_argument("--max-new-tokens", type=int, default=Request.max_new_tokens)
-    ask.add_argument("--temperature", type=float, default=Request.temperature)
+    ask.add_argument("--temperature", type=float, default=Request.temperature,
+                     help="0: greedy (default: the model's generation config, like --top-p, --top-k and "
+                          "--repetition-penalty)")  # fmt: skip
     ask.add_argument("--top-p", type=float, default=Request.top_p)
+    ask.add_argument("--top-k", type=int, default=Request.top_k)
+    ask.add_argument("--repetition-penalty", type=float, default=Request.repetition_penalty)
     ask.add_argument("--seed", type=int, default=Request.seed)
     ask.add_argument("--allow-fewer-ranks", action="store_true",
                      help="use fewer ranks when the video has too few frames for --world-size")
@@ -86,9 +94,12 @@ def request_from_args(args: argparse.Namespace, question: str, world_size: int |
         strategy=args.strategy,
         world_size=ranks_for(args.strategy, world_size),
         max_pixels=args.max_pixels,
+        uncapped_pixels=args.uncapped_pixels,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         anchor_ratio=args.anchor_ratio,
         passing_ratio=args.passing_ratio,

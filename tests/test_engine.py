@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from apbv.attention import get_strategy
 from apbv.config import Limits
 from apbv.engine.api import Request, Result
+from apbv.engine.cost_model import CALIBRATION_ENV, Calibration
 from apbv.engine.job import attention_config
 from apbv.engine.pool import EnginePool
 from apbv.engine.protocol import WorkerOptions
@@ -150,6 +151,22 @@ def test_pool_that_cannot_start_fails_its_requests(tmp_path, example_video):
             pool.submit(_request(example_video, world_size=1))
     finally:
         pool.close()
+
+
+def test_auto_picks_what_its_calibration_predicts_fastest_and_says_so(tiny_dir, example_video, tmp_path, monkeypatch):
+    """With a calibration where dense wins on short prompts and APB-V on two ranks on long ones, `auto` (the
+    default strategy) runs each request the way predicted fastest and reports the choice in the result."""
+    calibration = Calibration("cpu", "test", {("dense", 1): ((100, 0.01), (5000, 1.0)),
+                                              ("apbv", 2): ((100, 0.2), (5000, 0.3))})  # fmt: skip
+    (tmp_path / "calibration.json").write_text(calibration.to_json())
+    monkeypatch.setenv(CALIBRATION_ENV, str(tmp_path / "calibration.json"))
+    with EnginePool(model=str(tiny_dir), world_size=2, device="cpu") as pool:
+        short, long = (_answer(pool, Request(example_video, "What color?", num_frames=n, max_new_tokens=2))
+                       for n in (4, 32))  # fmt: skip
+    assert (short.strategy, short.world_size, long.strategy, long.world_size) == ("dense", 1, "apbv", 2)
+    tokens = long.n_context + long.n_query
+    assert long.choice["predicted_s"] == pytest.approx(calibration.predict("apbv", 2, tokens))
+    assert set(long.choice["candidates"]) == {"dense@1", "apbv@2"} and long.summary()["auto_predicted_s"] > 0
 
 
 def test_follow_up_carries_the_conversation(random_pool, example_video):

@@ -38,6 +38,8 @@ _ENTRIES = (
 STRATEGIES: dict[str, StrategyEntry] = {e.name: e for e in _ENTRIES}
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 BASELINE = "dense"  # the single-GPU FlashAttention baseline every comparison is made against
+AUTO = "auto"  # not a strategy: the engine's pick of one (and of its ranks) per request, `apbv.engine.cost_model`
+AUTO_LABEL = "Auto (fastest predicted)"
 
 
 def check_strategy_name(name: str) -> StrategyEntry:
@@ -50,14 +52,16 @@ def check_strategy_name(name: str) -> StrategyEntry:
 
 def strategy_label(name: str) -> str:
     """What a user reads for a strategy (the name itself when it is not registered)."""
+    if name == AUTO:
+        return AUTO_LABEL
     entry = STRATEGIES.get(name)
     return entry.label if entry else name
 
 
 def ranks_for(name: str, world_size: int | None) -> int | None:
     """The ranks strategy `name` runs on when `world_size` are offered (one for a single-rank strategy; None, for
-    "all of the engine's", stays None otherwise)."""
-    return 1 if check_strategy_name(name).single_rank else world_size
+    "all of the engine's", stays None otherwise; `auto` may use up to all it is offered)."""
+    return world_size if name == AUTO else 1 if check_strategy_name(name).single_rank else world_size
 
 
 @cache

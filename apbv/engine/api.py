@@ -11,18 +11,20 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from apbv.attention.registry import STRATEGIES
+from apbv.attention.registry import AUTO, STRATEGIES
 from apbv.config import Limits
 from apbv.errors import EmptyQuestion, InputError, InvalidQuestion
 from apbv.metrics import RankMetrics
 
-REQUEST_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)  # what Request.strategy may name
+REQUEST_STRATEGIES: tuple[str, ...] = (AUTO, *STRATEGIES)  # what Request.strategy may name
 
 
 @dataclass(frozen=True)
 class Request:
     """One question about one video.
 
+    strategy: "auto" (the engine picks the strategy and ranks predicted fastest for the prompt, up to world_size,
+    `apbv.engine.cost_model`) or a registered strategy.
     world_size: ranks to use (1 runs on rank 0 only: the dense single-GPU baseline uses 1).
     num_frames / fps: frame sampling (num_frames wins when both are given; neither: 2 frames per second, as
     qwen-vl-utils); max_pixels: per-frame pixel budget, which can lower qwen-vl-utils' cap but not raise it unless
@@ -38,7 +40,7 @@ class Request:
 
     video_path: str
     question: str
-    strategy: str = "apbv"
+    strategy: str = AUTO
     world_size: int | None = None  # None: every rank of the pool
     num_frames: int | None = None
     fps: float | None = None
@@ -65,11 +67,11 @@ class Request:
             raise EmptyQuestion("the question is empty")
         if self.strategy not in REQUEST_STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(REQUEST_STRATEGIES)}")
-        entry = STRATEGIES[self.strategy]
         w = engine_world_size if self.world_size is None else self.world_size
         if not 1 <= w <= engine_world_size:
             raise InputError(f"world_size {w} is outside 1..{engine_world_size} (ranks in this engine)")
-        if entry.single_rank and w != 1:
+        entry = STRATEGIES.get(self.strategy)
+        if entry is not None and entry.single_rank and w != 1:
             raise InputError(f"{entry.label} runs on one rank: use world_size 1")
         _check_range("max_new_tokens", self.max_new_tokens, 1, limits.max_new_tokens)
         _check_range("num_frames", self.num_frames, 1, limits.max_frames)
@@ -150,6 +152,7 @@ class Result:
     wall_s: float  # submit -> last token, as seen by the client
     ranks: list[RankMetrics] = field(default_factory=list)
     first_token_s: float | None = None  # submit -> first token, as seen by the client (None: no token)
+    choice: dict | None = None  # for strategy "auto": what was picked, predicted seconds, the candidates
 
     def stage_s(self, stage: str) -> float:
         """Seconds of a timeline stage ("read", "vision", "prefill", "decode"): the slowest rank's summed spans of
@@ -171,6 +174,7 @@ class Result:
             **{f"{stage}_s": self.stage_s(stage) for stage in ("read", "vision", "prefill", "decode")},
             "decode_tokens_per_s": (tokens - 1) / decode if tokens > 1 and decode > 0 else None,
             "video_cached": bool(self.ranks) and all(m.counters.get("video_cache_hit") for m in self.ranks),
+            "auto_predicted_s": self.choice["predicted_s"] if self.choice else None,
         }
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from apbv.attention.base import Strategy
 from apbv.attention.config import AttentionConfig
-from apbv.attention.registry import get_strategy
+from apbv.attention.registry import AUTO, get_strategy
 from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
@@ -30,6 +30,7 @@ from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.sampling import SamplingParams
 from apbv.video import VideoPlan, plan_video
 
+from .cost_model import Calibration, Choice, choose
 from .video_cache import VideoCache
 from .video_pipeline import video_embeddings
 
@@ -46,6 +47,7 @@ class JobHeader:
     prompt: Prompt
     video: VideoPlan | None  # None: the frames come from memory (`run_job`'s frames)
     patch_ranges: tuple[range, ...]  # temporal patches per rank (`temporal_shards`)
+    choice: Choice | None = None  # what "auto" picked
     started_s: float = 0.0  # rank 0's request time when it sent the header: where the other ranks' clocks start
 
     @property
@@ -102,10 +104,12 @@ def prepare_job(
     loaded: LoadedModel,
     limits: Limits,
     metrics: MetricsRecorder,
+    calibration: Calibration | None = None,
 ) -> JobHeader:
-    """Rank 0: plan the video and build the header of a checked request (`Request.check`) on world_size ranks, with
-    the sampling of the model's generation config and the request's overrides; raises InputError subclasses for bad
-    videos and requests too large or too short for the ranks."""
+    """Rank 0: plan the video and build the header of a checked request (`Request.check`) on up to world_size ranks,
+    with the sampling of the model's generation config and the request's overrides, and for strategy "auto" the
+    strategy and ranks `calibration` predicts fastest; raises InputError subclasses for bad videos and requests too
+    large or too short for the ranks."""
     tokenizer, spec = loaded.tokenizer, loaded.spec
     with metrics.span("read"), metrics.timed(READ):
         video = plan_video(
@@ -118,14 +122,19 @@ def prepare_job(
             **spec.read_video_pixels(request.max_pixels),
         )
         prompt = build_prompt(tokenizer, video, request.question, spec, limits.max_prompt_tokens, request.history)
-    if request.allow_fewer_ranks:
+    if request.allow_fewer_ranks or request.strategy == AUTO:
         world_size = min(world_size, int(prompt.video_grid_thw[0, 0]))
+    choice = None
+    if request.strategy == AUTO:
+        choice = choose(prompt.n_context + prompt.n_query, world_size, calibration)
+        request, world_size = replace(request, strategy=choice.strategy), choice.world_size
     sampling = SamplingParams.resolve(
         loaded.generation_config, loaded.stop_ids, request.max_new_tokens, request.seed, request.temperature,
         request.top_p, request.top_k, request.repetition_penalty,
     )  # fmt: skip
     attention = attention_config(request)
-    return build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)
+    header = build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)
+    return replace(header, choice=choice)
 
 
 def run_job(

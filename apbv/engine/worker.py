@@ -31,6 +31,7 @@ from apbv.comm import Comm, init_group, rank_device
 from apbv.config import Limits
 from apbv.engine.admission import admit
 from apbv.engine.api import Event, Request, Result
+from apbv.engine.cost_model import Calibration
 from apbv.engine.faults import install_faults
 from apbv.engine.job import JobHeader, gather_metrics, prepare_job, run_job
 from apbv.engine.parent_watch import EXIT_POOL_LOST
@@ -139,7 +140,8 @@ def serve(
     if rank == 0:
         channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
     cache = VideoCache(options.video_cache_mb << 20)
-    while _serve_next(rank, world_size, device, groups, loaded, channel, limits, cache, options):
+    calibration = Calibration.find(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    while _serve_next(rank, world_size, device, groups, loaded, channel, limits, cache, options, calibration):
         pass
     dist.destroy_process_group()
     return channel
@@ -155,11 +157,12 @@ def _serve_next(
     limits: Limits,
     cache: VideoCache,
     options: WorkerOptions,
+    calibration: Calibration | None,
 ) -> bool:
     """Serve one job on every rank (rank 0 waits for it and hands it out); False once shutdown is asked."""
     header, metrics = None, None
     if rank == 0:
-        header, metrics = _next_job(channel, loaded, limits, world_size, device)
+        header, metrics = _next_job(channel, loaded, limits, world_size, device, calibration)
         if isinstance(header, JobHeader):
             header = replace(header, started_s=metrics.elapsed())
     box = [header]
@@ -183,7 +186,12 @@ def _serve_next(
 
 
 def _next_job(
-    channel: Channel, loaded: LoadedModel, limits: Limits, world_size: int, device: torch.device
+    channel: Channel,
+    loaded: LoadedModel,
+    limits: Limits,
+    world_size: int,
+    device: torch.device,
+    calibration: Calibration | None,
 ) -> tuple[JobHeader | Shutdown, MetricsRecorder | None]:
     """Rank 0: wait for the next valid job; answers bad requests directly (any exception while preparing one ends
     that request: an ApbvError with its own code, anything else as an engine error). Returns (header, metrics)."""
@@ -198,7 +206,7 @@ def _next_job(
         try:
             w = request.check(world_size, limits)
             admit(request, loaded.tokenizer, limits)
-            header = prepare_job(request_id, request, w, loaded, limits, metrics)
+            header = prepare_job(request_id, request, w, loaded, limits, metrics, calibration)
         except ApbvError as err:
             channel.send(request_id, "error", {"code": err.code, "message": str(err)})
             continue
@@ -291,6 +299,7 @@ def _result(header: JobHeader, records: list[dict], loaded: LoadedModel) -> Resu
         n_query=header.prompt.n_query,
         wall_s=0.0,  # filled in by the pool, which sees the client's clock
         ranks=ranks,
+        choice=header.choice.to_dict() if header.choice else None,
     )
 
 
