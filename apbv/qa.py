@@ -95,7 +95,7 @@ def ask(
     engine's own job code (`apbv.engine.job`) on its share of the frames."""
     model, spec = loaded.rank_model.model, loaded.spec
     prompt = build_prompt(loaded.tokenizer, video, question, spec)
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=loaded.stop_ids, answers=loaded.answers)
     world_size = ranks_for(config.strategy, world_size)
     header = build_header("qa", prompt, video.num_frames, world_size, config, sampling, spec)
     recorder = _Recorder(prompt.input_ids.numel())

@@ -43,6 +43,7 @@ WORDS = ("cat", "dog", "sun", "car", "box", "hat", "cup", "key")
 COUNTS = ("1", "2", "3", "4")
 TASKS = ("color", "shape", "digit", "word", "order", "count")
 RETRIEVAL_CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "digit": DIGITS, "word": WORDS}  # one-needle tasks
+ANSWERS = tuple(dict.fromkeys([*COLORS, *SHAPES, *DIGITS, *WORDS, *COUNTS]))  # every answer of every task
 
 QUESTIONS = {
     "color": "What color was the shape shown in the video? Answer with one word.",

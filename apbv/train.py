@@ -42,7 +42,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGenera
 from apbv import footage, synthetic
 from apbv.attention.config import AttentionConfig
 from apbv.inputs import ProcessorSpec, build_prompt, patchify
-from apbv.model.loading import LoadedModel, load_model
+from apbv.model.loading import LoadedModel, load_model, save_answers
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
 from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.time() - start
     save_checkpoint(model.float().cpu(), args.out)
     ProcessorSpec().save_video_config(args.out, *VIDEO_PIXELS)
+    save_answers(args.out, synthetic.ANSWERS)
     tables = evaluation() if args.eval_n else ({}, {})
     record = {
         **environment(torch.device(args.device)),

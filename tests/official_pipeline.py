@@ -4,7 +4,8 @@ qwen-vl-utils' `process_vision_info`, transformers' Qwen2.5-VL processor and `ge
     APBV_OFFICIAL_PYTHON tests/official_pipeline.py CASES.json OUT.npz
 
 CASES.json: a list of {"name", "model", "video", "question", "video_options" (the message's video entry:
-nframes / fps / min_pixels / max_pixels), "max_new_tokens"}. OUT.npz holds per case NAME: NAME/frames (the
+nframes / fps / min_pixels / max_pixels), "max_new_tokens", "answers" (token ids of a closed answer set, optional:
+generate's prefix_allowed_tokens_fn)}. OUT.npz holds per case NAME: NAME/frames (the
 resized frames qwen-vl-utils returns, float), NAME/indices, NAME/input_ids, NAME/mm_token_type_ids,
 NAME/video_grid_thw, NAME/second_per_grid_ts, NAME/pixel_values_videos, NAME/positions (the model's get_rope_index)
 and NAME/tokens (generate's new tokens, greedy by the checkpoint's generation config). This file imports nothing
@@ -44,8 +45,17 @@ def run_case(case: dict, models: dict) -> dict[str, np.ndarray]:
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
         second_per_grid_ts=inputs["second_per_grid_ts"], attention_mask=inputs["attention_mask"],
     )  # fmt: skip
+    constraint = {}
+    if case.get("answers"):  # the checkpoint's closed answer set, as generate's own prefix constraint
+        prompt = inputs["input_ids"].shape[1]
+
+        def allowed(batch: int, ids: torch.Tensor) -> list[int]:
+            done = ids[prompt:].tolist()
+            return sorted({a[len(done)] for a in case["answers"] if a[: len(done)] == done and len(a) > len(done)})
+
+        constraint = {"prefix_allowed_tokens_fn": allowed}
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=case["max_new_tokens"])
+        out = model.generate(**inputs, max_new_tokens=case["max_new_tokens"], **constraint)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     stops = model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])

@@ -6,7 +6,8 @@ settings: the same frame indices, frame sizes, pixels (within one level: float r
 ids, video token types, grid, seconds per grid step, M-RoPE positions and generated tokens.
 
 The embedded model is read at its own per-frame bounds (ProcessorSpec.read_pixels, this project's documented
-option); the official side passes the same bounds in the message, as a user of qwen-vl-utils would.
+option) and answers from its closed set (answers.json); the official side passes the same bounds in the message, as
+a user of qwen-vl-utils would, and the same answers to generate as its prefix constraint.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def _cases(tiny_dir: Path) -> list[dict]:
                 "px922k": {"nframes": 8, "max_pixels": 921_600}}  # fmt: skip
     cases = [{"name": f"tiny-{clip}-{s}", "model": str(tiny_dir), "video": path, "video_options": options}
              for clip, path in clips.items() for s, options in settings.items()]  # fmt: skip
-    bounds = dict(load_model(None, torch.device("cpu")).spec.read_pixels)
+    embedded = load_model(None, torch.device("cpu"))
+    bounds, answers = dict(embedded.spec.read_pixels), [list(a) for a in embedded.answers]
     example = load_examples()[0].video
     for name, video in {"bunny": clips["bunny"], "example": example}.items():
         cases.append({"name": f"embedded-{name}", "model": str(EMBEDDED_MODEL), "video": video,
-                      "video_options": {"nframes": 16, **bounds}})  # fmt: skip
+                      "video_options": {"nframes": 16, **bounds}, "answers": answers})  # fmt: skip
     return [{**c, "question": QUESTION, "max_new_tokens": NEW_TOKENS} for c in cases]
 
 

@@ -258,6 +258,15 @@ def test_sampler_follows_the_distribution():
     assert np.array_equal(_draws(replace(params, top_k=1), logits, 50), [1, 0, 0, 0])
 
 
+def test_answers_are_constrained_to_the_checkpoints_closed_set():
+    """A checkpoint with an answer set (the embedded model): each token continues one of the allowed answers, however
+    the logits lean (here towards token 11, in no answer)."""
+    sampler = Sampler(SamplingParams(answers=((5, 9), (6, 7, 9))), torch.zeros(3, dtype=torch.long))
+    logits = torch.zeros(12)
+    logits[11], logits[6], logits[8] = 10.0, 1.0, 5.0
+    assert [sampler(logits) for _ in range(3)] == [6, 7, 9]
+
+
 def test_checkpoint_generation_config_with_request_overrides():
     config = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05)
     from_checkpoint = SamplingParams.resolve(config, (7,), max_new_tokens=5)

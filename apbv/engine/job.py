@@ -130,7 +130,7 @@ def prepare_job(
         request, world_size = replace(request, strategy=choice.strategy), choice.world_size
     sampling = SamplingParams.resolve(
         loaded.generation_config, loaded.stop_ids, request.max_new_tokens, request.seed, request.temperature,
-        request.top_p, request.top_k, request.repetition_penalty,
+        request.top_p, request.top_k, request.repetition_penalty, loaded.answers,
     )  # fmt: skip
     attention = attention_config(request)
     header = build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)

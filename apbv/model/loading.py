@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from apbv.inputs import ProcessorSpec
 from apbv.model.qwen2_5_vl import QwenVLRank
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ANSWERS_FILE = "answers.json"
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "model"
 
 
@@ -26,6 +28,7 @@ class LoadedModel:
     spec: ProcessorSpec
     stop_ids: tuple[int, ...]
     generation_config: GenerationConfig
+    answers: tuple[tuple[int, ...], ...] = ()  # token ids of the only answers the model may give (ANSWERS_FILE)
 
 
 def default_model_path() -> Path:
@@ -60,7 +63,25 @@ def load_model(name_or_path: str | None, device: torch.device) -> LoadedModel:
         spec=ProcessorSpec.from_pretrained(path),
         stop_ids=stop_ids(generation, tokenizer),
         generation_config=generation,
+        answers=answer_ids(Path(path), tokenizer),
     )
+
+
+def answer_ids(path: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[tuple[int, ...], ...]:
+    """The token ids of each answer listed in the checkpoint's ANSWERS_FILE (this project's option for models that
+    answer from a closed set, as the embedded one does), each ending with <|im_end|>; () without the file."""
+    file = path / ANSWERS_FILE
+    if not file.is_file():
+        return ()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tuple((*tokenizer.encode(answer, add_special_tokens=False), end) for answer in json.loads(file.read_text()))
+
+
+def save_answers(path: str | Path, answers: tuple[str, ...]) -> Path:
+    """Write a checkpoint's ANSWERS_FILE: decoding is then constrained to these answers."""
+    file = Path(path) / ANSWERS_FILE
+    file.write_text(json.dumps(list(answers)) + "\n")
+    return file
 
 
 def stop_ids(generation: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

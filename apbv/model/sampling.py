@@ -1,5 +1,6 @@
 """Choosing each next token the way transformers' `generate` does: the checkpoint's generation config, a request's
-overrides on top, transformers' own logits processors (repetition penalty, temperature, top-k, top-p).
+overrides on top, transformers' own logits processors (repetition penalty, temperature, top-k, top-p; and for a
+checkpoint with a closed answer set, the prefix constraint that keeps the answer one of them).
 
 `SamplingParams` is what travels to the ranks (plain values); `Sampler` applies it on the rank that samples.
 """
@@ -12,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -31,6 +33,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    answers: tuple[tuple[int, ...], ...] = ()  # when given, the only token sequences the answer may be
 
     @staticmethod
     def resolve(
@@ -42,6 +45,7 @@ class SamplingParams:
         top_p: float | None = None,
         top_k: int | None = None,
         repetition_penalty: float | None = None,
+        answers: tuple[tuple[int, ...], ...] = (),
     ) -> SamplingParams:
         """The checkpoint's generation config with a request's overrides (None: the checkpoint's value); a given
         temperature of 0 means greedy, any other given temperature samples."""
@@ -55,6 +59,7 @@ class SamplingParams:
             repetition_penalty=float(_given(repetition_penalty, config.repetition_penalty, 1.0)),
             seed=seed,
             stop_ids=stop_ids,
+            answers=answers,
         )
 
 
@@ -73,6 +78,9 @@ class Sampler:
         self.params = params
         self.ids = prompt_ids.detach().to("cpu", torch.long).reshape(1, -1)
         processors = LogitsProcessorList()
+        self.prompt_length = self.ids.shape[1]
+        if params.answers:
+            processors.append(PrefixConstrainedLogitsProcessor(self._allowed_next, num_beams=1))
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.do_sample:
@@ -84,6 +92,11 @@ class Sampler:
                 processors.append(TopPLogitsWarper(params.top_p))
         self.processors = processors
         self.generator = torch.Generator().manual_seed(params.seed) if params.do_sample else None
+
+    def _allowed_next(self, batch: int, ids: torch.Tensor) -> list[int]:
+        """Tokens that continue one of the allowed answers after what was generated so far."""
+        done = tuple(ids[self.prompt_length :].tolist())
+        return sorted({a[len(done)] for a in self.params.answers if a[: len(done)] == done and len(a) > len(done)})
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token for `logits` (V,); it joins the ids the repetition penalty sees."""
