@@ -94,8 +94,8 @@ def test_only_ask_and_compare_with_named_parameters(client: Client):
 
 
 def test_ask_streams_the_answer_then_the_structured_result(client: Client, example):
-    job = client.submit(video=handle_file(example.video), question=example.question, ranks="2",  # text is fine
-                        api_name="/ask")  # fmt: skip
+    job = client.submit(video=handle_file(example.video), question=example.question, strategy="apbv",
+                        ranks="2", api_name="/ask")  # ranks as text is fine  # fmt: skip
     outputs = [tuple(o) for o in job]
     answer, result = job.result()
     assert answer == example.answer == result["answer"]
@@ -121,8 +121,8 @@ def test_calls_are_stateless_and_history_carries_the_conversation(server: str, e
 
 
 def test_compare_returns_every_strategys_medians_as_data(client: Client, example):
-    text, data = client.predict(video=handle_file(example.video), question=example.question, frames=8,
-                                max_new_tokens=2, api_name="/compare")  # fmt: skip
+    text, data = client.predict(video=handle_file(example.video), question=example.question, strategy="apbv",
+                                frames=8, max_new_tokens=2, api_name="/compare")  # fmt: skip
     assert text.startswith("Compared 2 strategies")
     assert (data["baseline"], data["warmup"], data["repeats"]) == ("dense", 1, 3)
     apbv, dense = data["strategies"]

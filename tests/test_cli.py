@@ -48,7 +48,7 @@ def test_questions_file_gives_one_json_result_per_question_on_one_engine(example
     """Through the CLI's own pool, and as two torchrun ranks (the one-shot channel)."""
     questions = tmp_path / "questions.txt"
     questions.write_text(f"{QUESTIONS[0]}\n\n  \n{QUESTIONS[1]}\n")
-    args = (example_video, "--questions", str(questions), "--frames", "8", "--json")
+    args = (example_video, "--questions", str(questions), "--frames", "8", "--strategy", "apbv", "--json")
     if launcher == "pool":
         done = _ask(*args, "--world-size", "2")
     else:

@@ -31,7 +31,8 @@ from apbv.model.loading import EMBEDDED_MODEL, load_model
 from apbv.video import decode_frames, resize_planned
 from ui.examples import load_examples
 
-OFFICIAL = os.environ.get("APBV_OFFICIAL_PYTHON")
+# Absolute (not resolved: a venv's python is a symlink to the base interpreter), as the run has its own cwd.
+OFFICIAL = str(Path(os.environ["APBV_OFFICIAL_PYTHON"]).absolute()) if os.environ.get("APBV_OFFICIAL_PYTHON") else None
 pytestmark = [
     pytest.mark.skipif(not OFFICIAL, reason="APBV_OFFICIAL_PYTHON (the official pipeline's environment) is not set"),
     pytest.mark.slow,

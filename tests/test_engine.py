@@ -42,8 +42,9 @@ SMALL_LIMITS = Limits(max_prompt_tokens=400)  # prompt tokens: 4 frames of the e
 
 
 def _request(video: str, **kw) -> Request:
-    return Request(**{"video_path": video, "question": "What color was the shape?", "num_frames": 4,
-                      "max_new_tokens": 4, **kw})  # fmt: skip
+    """APB-V on every rank unless `kw` says otherwise (auto would pick dense on one rank for these short prompts)."""
+    return Request(**{"video_path": video, "question": "What color was the shape?", "strategy": "apbv",
+                      "num_frames": 4, "max_new_tokens": 4, **kw})  # fmt: skip
 
 
 def _answer(pool: EnginePool, request: Request) -> Result:

@@ -66,6 +66,17 @@ def test_side_by_side_measures_flashattention_on_the_same_inputs(pool, example_v
 
 
 @pytest.mark.multiprocess
+def test_auto_that_picked_the_baseline_is_not_measured_twice(pool, example_video):
+    """Without a calibration for this device, auto runs the single-GPU baseline: the summary says so, and the
+    side-by-side run (the same strategy on the same inputs) is skipped."""
+    final = _final(_ask(pool, example_video, "What color was the shape?", side_by_side=True,
+                        settings=["auto", *SETTINGS[1:]]))  # fmt: skip
+    (run,) = final["runs"]
+    assert (run.strategy, run.world_size, run.choice["predicted_s"]) == ("dense", 1, None)
+    assert "picked by Auto (no speed calibration for this device" in final["status"]
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "video, settings, message",
     [

@@ -68,6 +68,11 @@ def _number(page: Page, elem_id: str, value: str) -> None:
     expect(box).to_have_value(value)
 
 
+def _strategy(page: Page, label: str) -> None:
+    page.locator("#strategy input").click()
+    page.get_by_role("option", name=label).click()
+
+
 def _answered(page: Page) -> None:
     """Wait until the turn has ended (the answer and, when asked for, FlashAttention beside it)."""
     expect(page.locator("#status")).to_contain_text(DONE, timeout=ANSWER_TIMEOUT_MS)
@@ -95,6 +100,7 @@ def test_banner_shows_while_the_engine_starts(browser: Browser, server: str):
 
 
 def test_answer_with_flashattention_side_by_side(page: Page):
+    _strategy(page, "APB-V")
     _ask(page, "What moves in the video?")
     status = page.locator("#status")
     expect(status).to_contain_text(DONE, timeout=ANSWER_TIMEOUT_MS)
@@ -132,6 +138,7 @@ def test_follow_up_carries_the_conversation(page: Page):
 
 
 def test_stop_cancels_the_running_answer(page: Page):
+    _strategy(page, "APB-V")  # two ranks: a slower decode than dense's on one
     page.locator("#side-by-side input").uncheck()
     _number(page, "max-new-tokens", "512")  # the random model decodes all of them: seconds
     _ask(page, "Tell me everything about the video.")
@@ -179,13 +186,13 @@ def test_controls_show_only_what_applies(page: Page):
     expect(page.locator("#fps")).to_be_visible()
     expect(page.locator("#frames")).to_be_hidden()
     expect(page.locator("#ranks")).to_be_visible()
-    page.locator("#strategy input").click()
-    page.get_by_role("option", name="FlashAttention (1 GPU)").click()
+    _strategy(page, "FlashAttention (1 GPU)")
     expect(page.locator("#ranks")).to_be_hidden()
     expect(page.get_by_text("Advanced: APB-V parameters")).to_be_hidden()
 
 
 def test_compare_remeasures_both_strategies(page: Page):
+    _strategy(page, "APB-V")
     page.locator("#side-by-side input").uncheck()
     _ask(page, "What moves in the video?")
     _answered(page)

@@ -28,7 +28,8 @@ def test_throttle_passes_new_stages_and_the_end_but_not_every_token():
 
 @pytest.mark.multiprocess
 def test_stream_reports_stages_tokens_and_the_result(pool, example_video):
-    states = list(stream(pool, Request(example_video, "What moves in the video?", num_frames=8, max_new_tokens=8)))
+    states = list(stream(pool, Request(example_video, "What moves in the video?", num_frames=8, max_new_tokens=8,
+                                 strategy="apbv")))
     final = states[-1]
     assert final.ok and final.finished and not any(s.finished for s in states[:-1])
     assert final.stage_names == STAGES and final.request_id == states[0].request_id

@@ -160,7 +160,7 @@ def ask(
     summary = result_summary(result)
     yield {"messages": messages, "chatbot": messages, "turns": turns, "runs": runs, "last_request": request,
            "question": "", "status": summary, **_plots([result]), "history_plot": _history(runs, estimate)}  # fmt: skip
-    if not side_by_side or request.strategy == BASELINE:
+    if not side_by_side or result.strategy == BASELINE:  # asked for, or auto's pick: it already ran as the baseline
         return
     label = strategy_label(BASELINE)
     state = RunState()

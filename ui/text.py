@@ -17,9 +17,12 @@ ERROR_HINTS: dict[str, str] = {
     "invalid_question": "The question contains reserved special tokens; please rephrase it.",
     "video_not_found": "The uploaded video could not be found on the server; please upload it again.",
     "video_unreadable": "This file could not be read as a video. Try an MP4 (H.264) or WebM file.",
+    "unsupported_video": "This video's frames cannot be read safely (too large, or too narrow): try another file.",
     "no_frames": "No frames could be decoded from this video.",
     "too_few_frames": "Too few frames for this many GPUs: sample more frames or use fewer GPUs.",
     "too_many_tokens": "The video is too long for the memory budget: lower the frames, fps or resolution.",
+    "question_too_long": "The question and the conversation so far are too long: shorten them or clear the conversation.",
+    "invalid_world_size": "This machine cannot run that many GPUs (or processes): choose fewer.",
     "layout": "The input cannot be split across this many GPUs: use fewer GPUs or more frames.",
     "busy": "The engine is busy with other requests; please try again in a moment.",
     "worker_died": "A GPU worker crashed and was restarted; please ask again.",
@@ -107,8 +110,17 @@ def result_summary(r: Result) -> str:
         f"✓ {strategy_label(r.strategy)} on {r.world_size} rank(s): first token after "
         f"**{format_duration(s['time_to_first_token_s'])}** (prefill {format_duration(s['prefill_s'])}) · end to end "
         f"{format_duration(s['wall_s'])}{rate} · {s['prompt_tokens']:,} prompt tokens ({r.visual_tokens:,} visual) · "
-        f"{s['new_tokens']} new tokens"
+        f"{s['new_tokens']} new tokens{_auto_note(r)}"
     )
+
+
+def _auto_note(r: Result) -> str:
+    """Why auto ran what it ran (nothing for a strategy the user chose)."""
+    if r.choice is None:
+        return ""
+    if r.choice["predicted_s"] is None:
+        return " · picked by Auto (no speed calibration for this device: the single-GPU baseline)"
+    return f" · picked by Auto (predicted {format_duration(r.choice['predicted_s'])}, fastest of {len(r.choice['candidates'])})"
 
 
 def _spread(spread: Spread | None) -> str:
