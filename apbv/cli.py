@@ -26,6 +26,7 @@ from apbv.video import DEFAULT_FPS, FRAME_FACTOR, probe_video, sample_frame_coun
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 1
+REUSE_CONTEXT = {"auto": None, "yes": True, "no": False}  # --reuse-context -> Request.reuse_context
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=Request.seed)
     ask.add_argument("--allow-fewer-ranks", action="store_true",
                      help="use fewer ranks when the video has too few frames for --world-size")
+    ask.add_argument("--reuse-context", choices=sorted(REUSE_CONTEXT), default="auto",
+                     help="questions after the first continue the K/V kept of the video's earlier ones, prefilling "
+                          "only their own text (auto: for the exact strategies; yes: for APB-V too)")  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print one JSON object per question instead of the answers")
     return parser
 
@@ -104,6 +108,7 @@ def request_from_args(args: argparse.Namespace, question: str, world_size: int |
         anchor_ratio=args.anchor_ratio,
         passing_ratio=args.passing_ratio,
         allow_fewer_ranks=args.allow_fewer_ranks,
+        reuse_context=REUSE_CONTEXT[args.reuse_context],
         **sampling,
     )
 

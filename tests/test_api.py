@@ -88,9 +88,9 @@ def test_only_ask_and_compare_with_named_parameters(client: Client):
     assert set(api["named_endpoints"]) == {"/ask", "/compare"} and not api["unnamed_endpoints"]
     ask = [p["parameter_name"] for p in api["named_endpoints"]["/ask"]["parameters"]]
     assert ask == ["video", "question", "strategy", "ranks", "frames", "fps", "max_pixels", "max_new_tokens",
-                   "anchor_ratio", "passing_ratio", "history"]  # fmt: skip
+                   "anchor_ratio", "passing_ratio", "history", "reuse_context"]  # fmt: skip
     compare = [p["parameter_name"] for p in api["named_endpoints"]["/compare"]["parameters"]]
-    assert compare == [*ask, "strategies", "warmup", "repeats"]
+    assert compare == [*ask[:-1], "strategies", "warmup", "repeats"]  # full prefills: no reuse_context
 
 
 def test_ask_streams_the_answer_then_the_structured_result(client: Client, example):
@@ -117,6 +117,11 @@ def test_calls_are_stateless_and_history_carries_the_conversation(server: str, e
                                  history=[[example.question, answer]], api_name="/ask")  # fmt: skip
     _, fresh = second.predict(video=handle_file(example.video), question=example.question, api_name="/ask")
     assert follow_up["summary"]["prompt_tokens"] > alone["summary"]["prompt_tokens"]
+    # auto runs dense here (no calibration for this CPU), which continues the conversation's K/V
+    assert follow_up["summary"]["context_reused_tokens"] >= alone["summary"]["prompt_tokens"]
+    _, afresh = first.predict(video=handle_file(example.video), question=example.question, reuse_context=False,
+                              history=[[example.question, answer]], api_name="/ask")  # fmt: skip
+    assert afresh["summary"]["context_reused_tokens"] == 0 and afresh["token_ids"] == follow_up["token_ids"]
     assert fresh["summary"]["prompt_tokens"] == alone["summary"]["prompt_tokens"]  # nothing of the first client's
 
 

@@ -9,6 +9,7 @@ error code and the engine's message.
 No `from __future__ import annotations` here: `gr.api` reads the endpoints' types from their signatures.
 """
 
+from dataclasses import replace
 from typing import Iterator, Literal
 
 import gradio as gr
@@ -51,14 +52,18 @@ class Endpoints:
         anchor_ratio: float | None = DEFAULTS.anchor_ratio,
         passing_ratio: float | None = DEFAULTS.passing_ratio,
         history: list[tuple[str, str]] | None = None,
+        reuse_context: bool | None = None,
     ) -> Iterator[tuple[str, dict | None]]:
         """Ask one question about an uploaded video. Streams (answer so far, None), then ends with (answer, result).
 
         ranks: None for all of the engine's (FlashAttention, "dense", runs on one); frames or fps: how to sample
         the video (at most one; neither: the engine's default rate); max_pixels: per-frame pixel budget; anchor_ratio /
-        passing_ratio: APB-V's (None: the paper's); history: earlier [question, answer] turns, oldest first."""
+        passing_ratio: APB-V's (None: the paper's); history: earlier [question, answer] turns, oldest first;
+        reuse_context: continue the engine's cached K/V of the conversation so far, prefilling only the new text
+        (None: for the exact strategies; `Request.reuse_context`)."""
         request = _request(video, question, strategy, ranks, frames, fps, max_pixels, max_new_tokens, anchor_ratio,
                            passing_ratio, history)  # fmt: skip
+        request = replace(request, reuse_context=reuse_context)
         shown, state = None, RunState()
         for state in throttle(stream(self.pool, request)):
             if not state.finished and state.answer != shown:

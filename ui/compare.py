@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 from apbv.attention.registry import BASELINE, strategy_label
@@ -127,7 +127,7 @@ def measure(
     Yields Steps as every run goes (`throttle`d), then the Comparison; ends after the Step of a run that failed or
     was stopped."""
     ranks = request.world_size if request.world_size != 1 else None
-    requests = {s: with_strategy(request, s, ranks) for s in strategies}
+    requests = {s: replace(with_strategy(request, s, ranks), reuse_context=False) for s in strategies}  # full prefills
     order = [(s, True) for s in strategies for _ in range(warmup)] + [
         (s, False) for _ in range(repeats) for s in strategies
     ]

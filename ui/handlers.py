@@ -6,6 +6,7 @@ Each handler returns (or yields, while a request runs) a dict of updates keyed b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import gradio as gr
@@ -164,7 +165,10 @@ def ask(
         return
     label = strategy_label(BASELINE)
     state = RunState()
-    for state in throttle(stream(pool, with_strategy(request, BASELINE, 1))):
+    # the same treatment: the baseline continues its own cached conversation where the asked run continued one
+    reused = bool(result.summary()["context_reused_tokens"])
+    baseline = replace(with_strategy(request, BASELINE, 1), reuse_context=reused)
+    for state in throttle(stream(pool, baseline)):
         yield {"running": state.request_id, "status": f"{summary}  \n{label} beside it: {_progress(pool, state)}"}
     if state.ok:
         runs = [*runs, state.result]

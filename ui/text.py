@@ -110,8 +110,13 @@ def result_summary(r: Result) -> str:
         f"✓ {strategy_label(r.strategy)} on {r.world_size} rank(s): first token after "
         f"**{format_duration(s['time_to_first_token_s'])}** (prefill {format_duration(s['prefill_s'])}) · end to end "
         f"{format_duration(s['wall_s'])}{rate} · {s['prompt_tokens']:,} prompt tokens ({r.visual_tokens:,} visual) · "
-        f"{s['new_tokens']} new tokens{_auto_note(r)}"
+        f"{s['new_tokens']} new tokens{_reuse_note(s)}{_auto_note(r)}"
     )
+
+
+def _reuse_note(summary: dict) -> str:
+    reused = summary["context_reused_tokens"]
+    return f" · {reused:,} of them continued from the conversation (video not read)" if reused else ""
 
 
 def _auto_note(r: Result) -> str:

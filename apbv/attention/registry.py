@@ -20,17 +20,20 @@ if TYPE_CHECKING:  # type hints only: the classes are imported on first use
 @dataclass(frozen=True)
 class StrategyEntry:
     """name: the identifier requests use; label: what a user reads; target: "module:Class" of the Strategy;
-    single_rank: runs on one rank only (the single-GPU baseline)."""
+    single_rank: runs on one rank only (the single-GPU baseline); exact: its prefill is exact attention (the
+    others approximate the context's, so a cached context depends on the question it was built with)."""
 
     name: str
     label: str
     target: str
     single_rank: bool = False
+    exact: bool = False
 
 
 _ENTRIES = (
-    StrategyEntry("dense", "FlashAttention (1 GPU)", "apbv.attention.dense:DenseStrategy", single_rank=True),
-    StrategyEntry("ring", "ZigZag ring", "apbv.attention.ring:RingStrategy"),
+    StrategyEntry("dense", "FlashAttention (1 GPU)", "apbv.attention.dense:DenseStrategy", single_rank=True,
+                  exact=True),
+    StrategyEntry("ring", "ZigZag ring", "apbv.attention.ring:RingStrategy", exact=True),
     StrategyEntry("star", "Star", "apbv.attention.star:StarStrategy"),
     StrategyEntry("apb", "APB", "apbv.attention.apb:APBStrategy"),
     StrategyEntry("apbv", "APB-V", "apbv.attention.apbv:APBVStrategy"),

@@ -35,6 +35,11 @@ class Request:
     failing with TooFewFrames).
     history: earlier (question, answer) turns of the conversation about this video, oldest first; the model sees
     them before `question` (the chat template's earlier turns).
+    reuse_context: continue the K/V the engine kept of an earlier request on this video whose tokens this prompt
+    starts with (a follow-up, or another question: the video's part), prefilling only the rest; None: for the exact
+    strategies (dense, ring: the same answer as a full prefill), not for the approximate ones, whose context K/V
+    depend on the question they were built with (`apbv.bench.fidelity --follow-ups` measures it); measurements
+    (Compare, benchmarks) set False.
     `check` bounds every field: sizes by the engine's Limits, seed within [0, 2**63), texts valid Unicode.
     """
 
@@ -55,6 +60,7 @@ class Request:
     anchor_ratio: float | None = None
     passing_ratio: float | None = None
     allow_fewer_ranks: bool = False
+    reuse_context: bool | None = None
     history: tuple[tuple[str, str], ...] = ()
 
     def check(self, engine_world_size: int, limits: Limits) -> int:
@@ -92,9 +98,10 @@ _INT, _REAL, _BOOL, _STR = "an integer", "a finite number", "a boolean", "a stri
 _FIELD_KINDS = {"video_path": _STR, "question": _STR, "strategy": _STR, "world_size": _INT, "num_frames": _INT,
                 "fps": _REAL, "max_pixels": _INT, "uncapped_pixels": _BOOL, "max_new_tokens": _INT,
                 "temperature": _REAL, "top_p": _REAL, "top_k": _INT, "repetition_penalty": _REAL, "seed": _INT,
-                "anchor_ratio": _REAL, "passing_ratio": _REAL, "allow_fewer_ranks": _BOOL}  # fmt: skip
+                "anchor_ratio": _REAL, "passing_ratio": _REAL, "allow_fewer_ranks": _BOOL,
+                "reuse_context": _BOOL}  # fmt: skip
 _OPTIONAL = {"world_size", "num_frames", "fps", "max_pixels", "temperature", "top_p", "top_k", "repetition_penalty",
-             "anchor_ratio", "passing_ratio"}  # fmt: skip
+             "anchor_ratio", "passing_ratio", "reuse_context"}  # fmt: skip
 
 
 def _is_kind(value: object, kind: str) -> bool:
@@ -161,7 +168,9 @@ class Result:
 
     def summary(self) -> dict:
         """The numbers a user reads first: what ran, time to the first token and to the end (as the client saw
-        them), the stages of the slowest rank, and the decode rate (tokens after the first per decode second)."""
+        them), the stages of the slowest rank, the decode rate (tokens after the first per decode second), whether
+        the video was neither read nor encoded (video cache or a continued conversation) and how many prompt
+        tokens a continued conversation held."""
         decode, tokens = self.stage_s("decode"), len(self.token_ids)
         return {
             "strategy": self.strategy,
@@ -173,7 +182,9 @@ class Result:
             "wall_s": self.wall_s,
             **{f"{stage}_s": self.stage_s(stage) for stage in ("read", "vision", "prefill", "decode")},
             "decode_tokens_per_s": (tokens - 1) / decode if tokens > 1 and decode > 0 else None,
-            "video_cached": bool(self.ranks) and all(m.counters.get("video_cache_hit") for m in self.ranks),
+            "video_cached": bool(self.ranks) and all(m.counters.get("video_cache_hit") or
+                                                     m.counters.get("context_reused_tokens") for m in self.ranks),
+            "context_reused_tokens": int(self.ranks[0].counters.get("context_reused_tokens", 0)) if self.ranks else 0,
             "auto_predicted_s": self.choice["predicted_s"] if self.choice else None,
         }
 

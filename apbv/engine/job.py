@@ -2,8 +2,9 @@
 
 Rank 0 turns a `Request` into a `JobHeader`: it probes the video and plans which frames to read at what size
 (`apbv.video.plan_video`), builds the prompt and validates it against the limits and the strategy's layout, so that
-bad input is rejected before any other rank is involved. Every rank of the request's group then reads, encodes and
-gathers the video (`video_pipeline.video_embeddings`: its own frames only, or the video cache) and runs `generate`.
+bad input is rejected before any other rank is involved. Every rank of the request's group then continues a cached
+conversation the prompt extends (`context_cache`: a follow-up question), or reads, encodes and gathers the video
+(`video_pipeline.video_embeddings`: its own frames only, or the video cache), and runs `generate`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from apbv.attention.base import Strategy
 from apbv.attention.config import AttentionConfig
-from apbv.attention.registry import AUTO, get_strategy
+from apbv.attention.registry import AUTO, STRATEGIES, get_strategy
 from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
@@ -30,8 +31,9 @@ from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.sampling import SamplingParams
 from apbv.video import VideoPlan, plan_video
 
+from .context_cache import ContextCache, ContextKey, continued_context
 from .cost_model import Calibration, Choice, choose
-from .video_cache import VideoCache
+from .video_cache import VideoCache, VideoKey
 from .video_pipeline import video_embeddings
 
 
@@ -48,6 +50,7 @@ class JobHeader:
     video: VideoPlan | None  # None: the frames come from memory (`run_job`'s frames)
     patch_ranges: tuple[range, ...]  # temporal patches per rank (`temporal_shards`)
     choice: Choice | None = None  # what "auto" picked
+    continue_context: bool = False  # continue a cached conversation's K/V where the prompt extends it, keep its own
     started_s: float = 0.0  # rank 0's request time when it sent the header: where the other ranks' clocks start
 
     @property
@@ -134,7 +137,8 @@ def prepare_job(
     )  # fmt: skip
     attention = attention_config(request)
     header = build_header(request_id, prompt, video.num_frames, world_size, attention, sampling, spec, video)
-    return replace(header, choice=choice)
+    reuse = STRATEGIES[request.strategy].exact if request.reuse_context is None else request.reuse_context
+    return replace(header, choice=choice, continue_context=reuse)
 
 
 def run_job(
@@ -146,18 +150,31 @@ def run_job(
     should_stop: Callable[[], bool],
     *,
     cache: VideoCache | None = None,
+    contexts: ContextCache | None = None,
     ship_videos: bool = False,
     frames: np.ndarray | torch.Tensor | None = None,
     strategy: Strategy | None = None,
 ) -> Iterator[int]:
-    """This rank's share of the request: the video's embeddings (read from the file, the cache, or `frames`, this
-    rank's frames already read when the header has no video), then generate (yields token ids). `strategy`: the
-    header's own by default (the fidelity benchmark passes a recording one)."""
-    with metrics.span("vision"):
-        embeddings = video_embeddings(header.video, header.patch_ranges, header.tokens_per_rank, rank_model, spec,
-                                      comm, metrics, cache, frames, ship_videos)  # fmt: skip
+    """This rank's share of the request (yields token ids): the cached conversation its prompt continues (when
+    the header asks for it and every rank has it), else the video's embeddings (read from the file, the cache, or
+    `frames`, this rank's frames already read when the header has no video) and a full prefill; then generate.
+    The conversation's K/V go into `contexts` afterwards. `strategy`: the header's own by default (the fidelity
+    benchmark passes a recording one)."""
+    key = None
+    if contexts is not None and header.continue_context and header.video is not None:
+        key = ContextKey(VideoKey.of(header.video, spec), header.attention, header.world_size)
+    ids = header.prompt.input_ids.tolist()
+    context = continued_context(contexts, key, ids, header.prompt.n_context, comm, metrics) if key else None
+    embeddings = None
+    if context is None:
+        with metrics.span("vision"):
+            embeddings = video_embeddings(header.video, header.patch_ranges, header.tokens_per_rank, rank_model,
+                                          spec, comm, metrics, cache, frames, ship_videos)  # fmt: skip
     strategy = strategy or get_strategy(header.attention)
-    yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics, header.sampling, should_stop)
+    context = yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics, header.sampling,
+                                  should_stop, context)  # fmt: skip
+    if key is not None:
+        contexts.put(key, context)
 
 
 def gather_metrics(metrics: dict | None, world_size: int) -> list[dict]:

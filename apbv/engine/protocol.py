@@ -19,15 +19,18 @@ EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this 
 @dataclass(frozen=True)
 class WorkerOptions:
     """video_cache_mb: memory for encoded videos on each rank's device (0: no cache); ship_videos: ranks > 0 never
-    read video paths themselves (nodes without shared storage): rank 0 sends them each file."""
+    read video paths themselves (nodes without shared storage): rank 0 sends them each file; context_cache_mb:
+    memory for conversations' K/V on each rank's device, continued by follow-up questions (0: no cache)."""
 
     video_cache_mb: int = 2048
     ship_videos: bool = False
+    context_cache_mb: int = 4096
 
 
     def as_args(self) -> list[str]:
         """The worker's command-line flags for these options."""
-        return [f"--video-cache-mb={self.video_cache_mb}"] + (["--ship-videos"] if self.ship_videos else [])
+        flags = [f"--video-cache-mb={self.video_cache_mb}", f"--context-cache-mb={self.context_cache_mb}"]
+        return flags + (["--ship-videos"] if self.ship_videos else [])
 
 
 @dataclass(frozen=True)

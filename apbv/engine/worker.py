@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Protocol, Sequence
 
@@ -31,6 +31,7 @@ from apbv.comm import Comm, init_group, rank_device
 from apbv.config import Limits
 from apbv.engine.admission import admit
 from apbv.engine.api import Event, Request, Result
+from apbv.engine.context_cache import ContextCache
 from apbv.engine.cost_model import Calibration
 from apbv.engine.faults import install_faults
 from apbv.engine.job import JobHeader, gather_metrics, prepare_job, run_job
@@ -50,6 +51,14 @@ from apbv.engine.video_cache import VideoCache
 from apbv.errors import ApbvError, Cancelled, EngineError, InputError, WorkerDied
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
+
+
+@dataclass
+class RankCaches:
+    """What a rank keeps between requests: encoded videos and conversations' K/V."""
+
+    videos: VideoCache
+    contexts: ContextCache
 
 
 class Channel(Protocol):
@@ -128,7 +137,7 @@ def serve(
 ) -> Channel | None:
     """Run this rank until shutdown; `make_channel(info)` is called on rank 0 once the model is loaded. limits:
     None for the device's defaults (`Limits.for_device`); rendezvous_file: see `apbv.comm.init_group`; options:
-    the video cache and whether ranks > 0 read video paths. Returns rank 0's channel (None on the other ranks)."""
+    the caches and whether ranks > 0 read video paths. Returns rank 0's channel (None on the other ranks)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device()
     limits = limits or Limits.for_device(device.type)
@@ -139,9 +148,9 @@ def serve(
     channel = None
     if rank == 0:
         channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
-    cache = VideoCache(options.video_cache_mb << 20)
+    caches = RankCaches(VideoCache(options.video_cache_mb << 20), ContextCache(options.context_cache_mb << 20))
     calibration = Calibration.find(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    while _serve_next(rank, world_size, device, groups, loaded, channel, limits, cache, options, calibration):
+    while _serve_next(rank, world_size, device, groups, loaded, channel, limits, caches, options, calibration):
         pass
     dist.destroy_process_group()
     return channel
@@ -155,7 +164,7 @@ def _serve_next(
     loaded: LoadedModel,
     channel: Channel | None,
     limits: Limits,
-    cache: VideoCache,
+    caches: RankCaches,
     options: WorkerOptions,
     calibration: Calibration | None,
 ) -> bool:
@@ -175,7 +184,7 @@ def _serve_next(
         metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
     if rank < header.world_size:
         comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
-        record = _run_rank(header, loaded, comm, channel, metrics, cache, options.ship_videos and rank > 0)
+        record = _run_rank(header, loaded, comm, channel, metrics, caches, options.ship_videos and rank > 0)
     records = gather_metrics(record, world_size)
     if rank == 0 and not record["failed"]:  # a failed request has had its error event
         if record["cancelled"]:
@@ -224,7 +233,7 @@ def _run_rank(
     comm: Comm,
     channel: Channel | None,
     metrics: MetricsRecorder,
-    cache: VideoCache,
+    caches: RankCaches,
     ship_videos: bool,
 ) -> dict:
     """Run this rank's share of a job; rank 0 streams tokens. Returns this rank's metrics record."""
@@ -235,8 +244,8 @@ def _run_rank(
         should_stop = lambda: channel.poll_cancel(rid)  # noqa: E731
     cancelled = failed = False
     try:
-        tokens = run_job(header, loaded.rank_model, loaded.spec, comm, metrics, should_stop, cache=cache,
-                         ship_videos=ship_videos)  # fmt: skip
+        tokens = run_job(header, loaded.rank_model, loaded.spec, comm, metrics, should_stop, cache=caches.videos,
+                         contexts=caches.contexts, ship_videos=ship_videos)  # fmt: skip
         for token in tokens:
             if stream is not None:
                 stream.push(token)
@@ -313,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="ranks of one host meet through this file, opening no port (default: torchrun's env://)")
     parser.add_argument("--video-cache-mb", type=int, default=WorkerOptions.video_cache_mb,
                         help="device memory per rank for encoded videos (0: off)")
+    parser.add_argument("--context-cache-mb", type=int, default=WorkerOptions.context_cache_mb,
+                        help="device memory per rank for conversations' K/V, continued by follow-ups (0: off)")
     parser.add_argument("--ship-videos", action="store_true",
                         help="ranks > 0 get each video file from rank 0 (nodes without shared storage)")
     args = parser.parse_args(argv)
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             return PoolChannel(listener.accept(), info)
 
     limits = Limits(**json.loads(args.limits)) if args.limits else None
-    options = WorkerOptions(args.video_cache_mb, args.ship_videos)
+    options = WorkerOptions(args.video_cache_mb, args.ship_videos, args.context_cache_mb)
     channel = serve(args.model, accept_pool, limits, args.rendezvous_file, options)
     if channel is not None and channel.lost:
         sys.exit(EXIT_POOL_LOST)

@@ -3,7 +3,9 @@
 After prefill, rank r holds K/V of the rows its `RankLayout.cache_rows` names (the union over ranks is every
 prompt token exactly once). During decoding only the tail rank appends the new token's K/V; every rank attends
 the new query to its share and the partials are merged across ranks by log-sum-exp
-(`apbv.attention.decode.distributed_attention`), which is exact.
+(`apbv.attention.decode.distributed_attention`), which is exact. The cache knows the prompt position of each of its
+rows, so that a follow-up turn can keep the rows of the tokens it shares with this one (`continue_from`) and append
+its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class ShardedKVCache:
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
         self._reserve = reserve
+        self._rows: list[torch.Tensor] = []  # the prompt position of each row, in order (the same for every layer)
 
     def store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep this rank's prefill share of one layer (copied into a buffer with `reserve` spare rows)."""
@@ -51,3 +54,32 @@ class ShardedKVCache:
         n = self._lengths[layer_idx]
         return self._keys[layer_idx][:, :n], self._values[layer_idx][:, :n]
 
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Record the prompt positions of rows just stored or appended (in every layer)."""
+        self._rows.append(rows.to("cpu", torch.int64))
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The prompt position of each row, in storage order."""
+        if len(self._rows) != 1:
+            self._rows = [torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.int64)]
+        return self._rows[0]
+
+    def continue_from(self, position: int, reserve: int) -> None:
+        """Make the cache hold a conversation up to `position`: drop the rows of positions >= `position` (every
+        layer, the others kept in order) and make room for `reserve` more rows."""
+        keep = self.rows < position
+        spare = min(buf.shape[1] - n for buf, n in zip(self._keys, self._lengths))
+        if bool(keep.all()) and spare >= reserve:
+            return
+        index = keep.nonzero()[:, 0]
+        self._reserve = reserve
+        for layer_idx in range(len(self._keys)):
+            keys, values = self.get(layer_idx)
+            device_index = index.to(keys.device)
+            self.store(layer_idx, keys[:, device_index], values[:, device_index])
+        self._rows = [self.rows[keep]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)

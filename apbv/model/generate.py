@@ -6,7 +6,8 @@ prompt token) samples each token and broadcasts it, so all ranks stay in lock-st
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Generator
 
 import torch
 
@@ -27,26 +28,40 @@ from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.sampling import Sampler, SamplingParams
 
 
+@dataclass
+class KVContext:
+    """The conversation so far as this rank holds it: its share of the K/V and the tokens the cache holds, in order
+    (the prompt's, then each answer token fed back)."""
+
+    cache: ShardedKVCache
+    token_ids: list[int]
+    reused: int = 0  # leading prompt tokens already in the cache when this request started (0: prefilled)
+
+
 def generate(
     rank_model: QwenVLRank,
     prompt: Prompt,
-    video_embeds: torch.Tensor,
+    video_embeds: torch.Tensor | None,
     strategy: Strategy,
     comm: Comm,
     metrics: MetricsRecorder,
     sampling: SamplingParams,
     should_stop: Callable[[], bool] = lambda: False,
-) -> Iterator[int]:
-    """Yield generated token ids (identical on every rank); stop tokens are not yielded. video_embeds: every
-    video token's embedding in token order (`QwenVLRank.encode_video` / the engine's video pipeline).
+    context: KVContext | None = None,
+) -> Generator[int, None, KVContext]:
+    """Yield generated token ids (identical on every rank); stop tokens are not yielded. Returns the conversation's
+    K/V afterwards (for a follow-up turn).
 
-    `should_stop` is polled on rank 0 at every token boundary; when it returns True all ranks raise Cancelled.
+    video_embeds: every video token's embedding in token order (`QwenVLRank.encode_video` / the engine's video
+    pipeline); None with a `context` that holds the prompt's first `context.reused` tokens (all video tokens among
+    them), whose K/V are kept and only the rest of the prompt is prefilled (`QwenVLRank.extend`, exact attention
+    over the cache). `should_stop` is polled on rank 0 at every token boundary; when it returns True all ranks raise
+    Cancelled.
     """
     plan = strategy.plan(prompt.n_context, prompt.n_query, comm.world_size)
     metrics.remainder(OTHER_LAYERS, span="prefill", minus=(ATTENTION, COMM_WAIT))
     is_tail = comm.rank == plan.tail_rank
     positions = rank_model.global_positions(prompt)
-    cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
     sampler = Sampler(sampling, prompt.input_ids) if is_tail else None
 
     def next_token(hidden: torch.Tensor | None, recorder: MetricsRecorder) -> int:
@@ -59,13 +74,21 @@ def generate(
         return int(token)
 
     with metrics.span("prefill"):  # the first token's lm_head and all-reduce count as prefill (time to first token)
-        hidden = rank_model.prefill(prompt, video_embeds, positions, strategy, plan, comm, metrics, cache)
+        if context is None:
+            cache = ShardedKVCache(rank_model.num_layers, reserve=sampling.max_new_tokens if is_tail else 0)
+            hidden = rank_model.prefill(prompt, video_embeds, positions, strategy, plan, comm, metrics, cache)
+            context = KVContext(cache, [])
+        else:
+            new_rows = prompt.input_ids.numel() - context.reused + max(sampling.max_new_tokens, 0)
+            context.cache.continue_from(context.reused, reserve=new_rows if is_tail else 0)
+            hidden = rank_model.extend(prompt, context.reused, positions, comm, metrics, context.cache, is_tail)
+        context.token_ids = prompt.input_ids.tolist()
         del video_embeds
         if sampling.max_new_tokens < 1:  # prefill only
-            return
+            return context
         token = next_token(hidden, metrics)
     if token in sampling.stop_ids:
-        return
+        return context
     yield token
     # Each new token sits one past the previous one on all three M-RoPE axes (the prompt ends with text, where they
     # agree), as in transformers' generate and its teacher-forced forward. This is not prompt length + rope delta:
@@ -75,8 +98,12 @@ def generate(
     quiet = NullRecorder()  # decode is one time category: its inner attention and waits are not split out
     with metrics.span("decode"), metrics.timed(DECODE):
         for step in range(1, sampling.max_new_tokens):
-            hidden = rank_model.decode_step(token, last_position + step, comm, quiet, cache, is_tail)
+            hidden = rank_model.decode_step(token, last_position + step, comm, quiet, context.cache, is_tail)
+            if is_tail:
+                context.cache.add_rows(torch.tensor([len(context.token_ids)]))
+            context.token_ids.append(token)
             token = next_token(hidden, quiet)
             if token in sampling.stop_ids:
-                return
+                return context
             yield token
+    return context

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
 
 from apbv.attention.base import SequencePlan, Strategy
+from apbv.attention.decode import distributed_attention
 from apbv.comm import Comm
 from apbv.inputs import Prompt
 from apbv.metrics import VISION, MetricsRecorder
@@ -160,10 +161,45 @@ class QwenVLRank:
         with _route(route):
             for layer in self.text.layers:
                 hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)
+        cache.add_rows(layout.local_to_global[layout.cache_rows])
         last = (layout.local_to_global == prompt.input_ids.numel() - 1).nonzero()
         if last.numel() == 0:
             return None
         return self.text.norm(hidden[:, int(last[0, 0])])[0]
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        prompt: Prompt,
+        start: int,
+        positions: torch.Tensor,
+        comm: Comm,
+        metrics: MetricsRecorder,
+        cache: ShardedKVCache,
+        is_tail: bool,
+    ) -> torch.Tensor:
+        """Prefill the prompt's text from row `start` on, over a cache that holds every earlier row (a follow-up
+        turn after the conversation so far): the new rows run on every rank, attend exactly to the whole sharded
+        cache (merged by log-sum-exp, causal among themselves) and are appended on the tail rank. Returns the
+        final hidden state of the last prompt token (every rank)."""
+        ids = prompt.input_ids[start:].to(self.device)
+        if bool((ids == self.config.video_token_id).any()):
+            raise ValueError("a cached context must hold every video token")
+        hidden = self.text.embed_tokens(ids)[None]
+        cos_sin = self.text.rotary_emb(hidden, positions.to(self.device)[:, start:][:, None, :])
+
+        def route(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if is_tail:
+                cache.append(layer_idx, k, v)
+            keys, values = cache.get(layer_idx)
+            return distributed_attention(q, keys, values, comm, metrics, causal=is_tail)
+
+        with _route(route):
+            for layer in self.text.layers:
+                hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin)
+        if is_tail:
+            cache.add_rows(torch.arange(start, prompt.input_ids.numel()))
+        return self.text.norm(hidden[:, -1])[0]
 
     def _embed_local(self, prompt: Prompt, video_embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Token embeddings of the local rows with each video pad replaced by its vision embedding."""
