@@ -11,6 +11,8 @@ answers equal a full prefill's.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from apbv.engine.context_cache import ContextCache, ContextKey
 from apbv.engine.video_cache import VideoKey
 from apbv.inputs import PreparedInputs, ProcessorSpec, build_prompt, patchify
 from apbv.metrics import NullRecorder
+from apbv.model.cache import ShardedKVCache
 from apbv.model.generate import KVContext, generate
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.sampling import SamplingParams
@@ -52,10 +55,10 @@ def _turns(model: QwenVLRank, tokenizer, spec: ProcessorSpec, video: SampledVide
     tokens, context = _drain(run)
     key = ContextKey(VideoKey("video", (0,), ((0, 0),), spec), config, comm.world_size)
     contexts = ContextCache(1 << 30)
-    contexts.put(key, context)
+    contexts.put("first", key, context)
     answer = tokenizer.decode(tokens, skip_special_tokens=True)
     follow_up = build_prompt(tokenizer, video, FOLLOW_UP, spec, history=((FIRST, answer),))
-    continued, shared = contexts.take(key, follow_up.input_ids.tolist(), at_least=follow_up.n_context)
+    _, continued, shared = contexts.take(key, follow_up.input_ids.tolist(), at_least=follow_up.n_context)
     continued.reused = shared
     seen: list[torch.Tensor] = []
     logits = model.logits
@@ -130,23 +133,37 @@ def test_the_longest_shared_conversation_is_taken_out_of_the_cache(tiny_dir):
     key = ContextKey(VideoKey("a", (0,), ((0, 0),), spec), AttentionConfig("ring"), 2)
     other = ContextKey(VideoKey("b", (0,), ((0, 0),), spec), AttentionConfig("ring"), 2)
     contexts = ContextCache(1 << 20)
-    for ids in ([1, 2, 3, 9], [1, 2, 3, 4, 5, 6]):
-        contexts.put(key, KVContext(_cache_of(len(ids)), ids))
-    assert contexts.take(other, [1, 2, 3, 4, 5, 7], at_least=2) == (None, 0)  # another video
-    assert contexts.take(key, [1, 2, 8], at_least=3) == (None, 0)  # shares too little
-    context, shared = contexts.take(key, [1, 2, 3, 4, 5, 7], at_least=2)
-    assert (context.token_ids, shared) == ([1, 2, 3, 4, 5, 6], 5) and len(contexts) == 1
-    context, shared = contexts.take(key, [1, 2, 3, 9], at_least=2)
-    assert (context.token_ids, shared) == ([1, 2, 3, 9], 3)  # the last token always runs
-    small = ContextCache(_cache_of(4).num_bytes)
-    small.put(key, KVContext(_cache_of(4), [1, 2, 3, 4]))
-    small.put(key, KVContext(_cache_of(4), [5, 6, 7, 8]))  # evicts the first
-    assert small.take(key, [1, 2, 3, 4, 0], at_least=1) == (None, 0) and len(small) == 1
+    for name, ids in (("short", [1, 2, 3, 9]), ("long", [1, 2, 3, 4, 5, 6])):
+        contexts.put(name, key, KVContext(_cache_of(len(ids)), ids))
+    assert contexts.take(other, [1, 2, 3, 4, 5, 7], at_least=2) == ("", None, 0)  # another video
+    assert contexts.take(key, [1, 2, 8], at_least=3) == ("", None, 0)  # shares too little
+    name, context, shared = contexts.take(key, [1, 2, 3, 4, 5, 7], at_least=2)
+    assert (name, context.token_ids, shared) == ("long", [1, 2, 3, 4, 5, 6], 5) and len(contexts) == 1
+    name, context, shared = contexts.take(key, [1, 2, 3, 9], at_least=2)
+    assert (name, shared) == ("short", 3)  # the last token always runs
 
 
-def _cache_of(n: int):
-    from apbv.model.cache import ShardedKVCache
+def test_every_rank_of_a_group_evicts_alike(tiny_dir):
+    """Shares of different sizes (the tail holds the answer rows) are accounted alike, so the ranks keep the
+    same entries; single-rank entries (rank 0's alone) never evict a group's."""
+    spec = ProcessorSpec.from_pretrained(tiny_dir)
+    pair = ContextKey(VideoKey("a", (0,), ((0, 0),), spec), AttentionConfig("ring"), 2)
+    alone = ContextKey(VideoKey("a", (0,), ((0, 0),), spec), AttentionConfig("dense"), 1)
+    budget = 2 * 8 * _cache_of(1).bytes_per_row // 2  # two 8-token conversations, accounted over 2 ranks
+    ranks = [ContextCache(budget), ContextCache(budget)]
+    for i in range(3):
+        ids = [10 * i + t for t in range(8)]
+        for rank, contexts in enumerate(ranks):
+            contexts.put(f"req-{i}", pair, KVContext(_cache_of(2 + 4 * rank), ids))  # unequal shares
+    ranks[0].put("req-3", alone, KVContext(_cache_of(8), list(range(100, 108))))
+    for contexts in ranks:
+        assert contexts.take(pair, [0, 1, 2, 3, 4], at_least=1) == ("", None, 0)  # the oldest left on both
+        assert [contexts.take(pair, [10 * i, 10 * i + 1], at_least=1)[0] for i in (1, 2)] == ["req-1", "req-2"]
+    assert ranks[0].take(alone, [100, 101], at_least=1)[0] == "req-3"
 
+
+def _cache_of(n: int) -> ShardedKVCache:
+    """A two-layer cache of n rows (positions 0..n-1)."""
     cache = ShardedKVCache(num_layers=2, reserve=0)
     for layer in range(2):
         cache.store(layer, torch.zeros(1, n, 4), torch.zeros(1, n, 4))
@@ -177,8 +194,6 @@ def test_exact_follow_ups_skip_the_video_and_answer_as_a_full_prefill(pool, stra
 
 
 def _fresh(request: Request) -> Request:
-    from dataclasses import replace
-
     return replace(request, reuse_context=False)
 
 
@@ -190,8 +205,6 @@ def test_approximate_follow_ups_prefill_afresh_unless_asked(pool):
     follow_up = Request(example.video, "And which shape?", strategy="apbv", world_size=2, num_frames=8,
                         max_new_tokens=4, history=((example.question, first.answer),))  # fmt: skip
     assert _answer(pool, follow_up).summary()["context_reused_tokens"] == 0  # APB-V's default: a full prefill
-    from dataclasses import replace
-
     opted = replace(follow_up, question="And its colour?", reuse_context=True)
     _answer(pool, replace(opted, question="Once more?"))  # fills the cache (nothing to continue yet)
     assert _answer(pool, opted).summary()["context_reused_tokens"] >= first.n_context

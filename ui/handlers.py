@@ -165,9 +165,7 @@ def ask(
         return
     label = strategy_label(BASELINE)
     state = RunState()
-    # the same treatment: the baseline continues its own cached conversation where the asked run continued one
-    reused = bool(result.summary()["context_reused_tokens"])
-    baseline = replace(with_strategy(request, BASELINE, 1), reuse_context=reused)
+    baseline = replace(with_strategy(request, BASELINE, 1), reuse_context=False)  # a full prefill to compare with
     for state in throttle(stream(pool, baseline)):
         yield {"running": state.request_id, "status": f"{summary}  \n{label} beside it: {_progress(pool, state)}"}
     if state.ok:

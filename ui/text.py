@@ -116,7 +116,7 @@ def result_summary(r: Result) -> str:
 
 def _reuse_note(summary: dict) -> str:
     reused = summary["context_reused_tokens"]
-    return f" · {reused:,} of them continued from the conversation (video not read)" if reused else ""
+    return f" · {reused:,} of them continued from the conversation (video not decoded or encoded)" if reused else ""
 
 
 def _auto_note(r: Result) -> str:

@@ -38,7 +38,7 @@ class Request:
     reuse_context: continue the K/V the engine kept of an earlier request on this video whose tokens this prompt
     starts with (a follow-up, or another question: the video's part), prefilling only the rest; None: for the exact
     strategies (dense, ring: the same answer as a full prefill), not for the approximate ones, whose context K/V
-    depend on the question they were built with (`apbv.bench.fidelity --follow-ups` measures it); measurements
+    depend on the question they were built with (`apbv.bench.follow_ups` measures it); measurements
     (Compare, benchmarks) set False.
     `check` bounds every field: sizes by the engine's Limits, seed within [0, 2**63), texts valid Unicode.
     """

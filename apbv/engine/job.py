@@ -174,7 +174,7 @@ def run_job(
     context = yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics, header.sampling,
                                   should_stop, context)  # fmt: skip
     if key is not None:
-        contexts.put(key, context)
+        contexts.put(header.request_id, key, context)
 
 
 def gather_metrics(metrics: dict | None, world_size: int) -> list[dict]:

@@ -81,5 +81,6 @@ class ShardedKVCache:
         self._rows = [self.rows[keep]]
 
     @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+    def bytes_per_row(self) -> int:
+        """K/V bytes of one token over all layers (the same on every rank of a model)."""
+        return sum(2 * k.shape[0] * k.shape[2] * k.element_size() for k in self._keys if k is not None)
