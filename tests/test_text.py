@@ -71,6 +71,16 @@ def test_summary_puts_time_to_first_token_next_to_prefill():
     assert "115 prompt tokens (100 visual) · 2 new tokens" in text
 
 
+def test_summary_says_what_a_follow_up_continued_and_what_auto_picked():
+    result = _result("dense", 1, 0.01, "a")
+    result.ranks[0].counters["context_reused_tokens"] = 108
+    result.choice = {"strategy": "dense", "world_size": 1, "predicted_s": None, "candidates": {}, "calibration": ""}
+    text = result_summary(result)
+    assert "· 108 of them continued from the conversation (video not decoded or encoded)" in text
+    assert text.endswith("· picked by Auto (no speed calibration for this device: the single-GPU baseline)")
+    assert "continued" not in result_summary(_result("dense", 1, 0.01, "a"))
+
+
 def test_comparison_table_shows_medians_ranges_and_speedup():
     dense = StrategyRuns("dense", tuple(_result("dense", 1, s, "a | b") for s in (0.9, 1.1, 1.0)))
     apbv = StrategyRuns("apbv", tuple(_result("apbv", 2, s, "a\nb") for s in (0.25, 0.25, 0.25)))
