@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from apbv.attention.registry import BASELINE, strategy_label
 from apbv.engine.api import Request, Result
-from ui.controls import with_strategy
+from ui.controls import measured_under
 from ui.runner import Pool, RunState, stream, throttle
 
 WARMUP, REPEATS = 1, 3
@@ -127,7 +127,7 @@ def measure(
     Yields Steps as every run goes (`throttle`d), then the Comparison; ends after the Step of a run that failed or
     was stopped."""
     ranks = request.world_size if request.world_size != 1 else None
-    requests = {s: replace(with_strategy(request, s, ranks), reuse_context=False) for s in strategies}  # full prefills
+    requests = {s: measured_under(request, s, ranks) for s in strategies}
     order = [(s, True) for s in strategies for _ in range(warmup)] + [
         (s, False) for _ in range(repeats) for s in strategies
     ]

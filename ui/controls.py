@@ -154,6 +154,12 @@ def make_request(
     return with_strategy(request, strategy, request.world_size)
 
 
+def measured_under(request: Request, strategy: str, ranks: int | None) -> Request:
+    """The same inputs under `strategy` as a measurement (Compare, the side-by-side baseline): prefilled in full,
+    never continuing a cached conversation."""
+    return replace(with_strategy(request, strategy, ranks), reuse_context=False)
+
+
 def with_strategy(request: Request, strategy: str, ranks: int | None) -> Request:
     """The same inputs under another strategy: the baseline runs on one rank, and only APB-V keeps the page's
     anchor/passing ratios (the others use their own defaults; APB's passing budget is twice APB-V's)."""

@@ -6,7 +6,6 @@ Each handler returns (or yields, while a request runs) a dict of updates keyed b
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import gradio as gr
@@ -21,9 +20,9 @@ from ui.controls import (
     SAMPLE_BY_FRAMES,
     comparison_strategies,
     make_request,
+    measured_under,
     page_sampling,
     runs_on_one_rank,
-    with_strategy,
 )
 from ui.runner import Pool, RunState, stream, throttle
 from ui.text import (
@@ -165,8 +164,7 @@ def ask(
         return
     label = strategy_label(BASELINE)
     state = RunState()
-    baseline = replace(with_strategy(request, BASELINE, 1), reuse_context=False)  # a full prefill to compare with
-    for state in throttle(stream(pool, baseline)):
+    for state in throttle(stream(pool, measured_under(request, BASELINE, 1))):
         yield {"running": state.request_id, "status": f"{summary}  \n{label} beside it: {_progress(pool, state)}"}
     if state.ok:
         runs = [*runs, state.result]

@@ -160,11 +160,11 @@ def run_job(
     `frames`, this rank's frames already read when the header has no video) and a full prefill; then generate.
     The conversation's K/V go into `contexts` afterwards. `strategy`: the header's own by default (the fidelity
     benchmark passes a recording one)."""
-    key = None
+    key = context = None
     if contexts is not None and header.continue_context and header.video is not None:
         key = ContextKey(VideoKey.of(header.video, spec), header.attention, header.world_size)
-    ids = header.prompt.input_ids.tolist()
-    context = continued_context(contexts, key, ids, header.prompt.n_context, comm, metrics) if key else None
+        ids = header.prompt.input_ids.numpy()
+        context = continued_context(contexts, key, ids, header.prompt.n_context, comm, metrics)
     embeddings = None
     if context is None:
         with metrics.span("vision"):
