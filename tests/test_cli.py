@@ -95,3 +95,12 @@ def test_bad_input_fails_before_any_rank_starts(videos, kind, args, code, as_jso
     else:
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert done.stdout == ""
+
+
+@pytest.mark.parametrize("reuse, continued", [("auto", True), ("no", False)])
+def test_later_questions_continue_the_videos_context_unless_told_not_to(example_video, reuse, continued):
+    done = _ask(example_video, *QUESTIONS, "--frames", "8", "--strategy", "dense", "--reuse-context", reuse, "--json")
+    assert done.returncode == 0, done.stderr
+    first, second = (json.loads(line)["summary"] for line in done.stdout.splitlines())
+    assert first["context_reused_tokens"] == 0
+    assert (second["context_reused_tokens"] > 0) == continued  # dense is exact: it continues by default
