@@ -52,14 +52,26 @@ def init_group(device: torch.device, rendezvous_file: str | Path | None = None) 
     open no rendezvous port; the group's own sockets (gloo pairs, NCCL bootstrap) are kept on the loopback
     interface. None: torchrun's env:// rendezvous at MASTER_ADDR:MASTER_PORT, which the operator configures (it
     listens on every interface: several nodes must reach it)."""
-    if rendezvous_file is None:
-        init = "env://"
-    else:
-        init = f"file://{Path(rendezvous_file).resolve()}"
-        os.environ.update(GLOO_SOCKET_IFNAME=LOOPBACK_INTERFACE, NCCL_SOCKET_IFNAME=LOOPBACK_INTERFACE)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(backend_for(device), init_method=init, rank=rank, world_size=world_size,
-                            timeout=timedelta(days=7))  # fmt: skip
+    timeout = timedelta(days=7)
+    if rendezvous_file is None:
+        meeting = {"store": _torchrun_store(rank, world_size, timeout)}
+    else:
+        meeting = {"init_method": f"file://{Path(rendezvous_file).resolve()}"}
+        os.environ.update(GLOO_SOCKET_IFNAME=LOOPBACK_INTERFACE, NCCL_SOCKET_IFNAME=LOOPBACK_INTERFACE)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world_size, timeout=timeout, **meeting)
+
+
+def _torchrun_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The TCPStore at MASTER_ADDR:MASTER_PORT (under torchrun: its agent's), with this restart's keys kept apart.
+
+    torchrun's static rendezvous keeps one store across restarts and env:// adds no per-attempt prefix, so a
+    restarted group would read the previous one's gloo addresses and NCCL ids: connections refused or an init
+    that never ends (pytorch/pytorch#135712). TORCHELASTIC_RESTART_COUNT names the attempt."""
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timeout, multi_tenant=True)  # fmt: skip
+    return dist.PrefixStore(f"apbv/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 class Handle:

@@ -388,24 +388,24 @@ def _last_event(conn) -> Event:
 
 @pytest.fixture
 def torchrun_ranks(tmp_path) -> Iterator[tuple[subprocess.Popen, str, str]]:
-    """Two CPU ranks under torchrun, restarted on failure (the README's multi-node launch, on one node; a gloo group
-    restarted under load sometimes fails to form, so torchrun may need more than one restart)."""
+    """Two CPU ranks under torchrun, restarted on failure (the README's multi-node launch, on one node)."""
     key, listen = secrets.token_hex(16), f"127.0.0.1:{free_port()}"
     env = {**os.environ, "APBV_AUTHKEY": key, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "--max-restarts", "3", "-m", "apbv.engine.worker", "--listen", listen]
+           "--master-port", str(free_port()), "--max-restarts", "1", "-m", "apbv.engine.worker", "--listen", listen]
     with open(tmp_path / "torchrun.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield proc, listen, key
-    if proc.poll() is None:
-        proc.kill()
+    if proc.poll() is None:  # the agent and its ranks (which a killed agent leaves behind)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
 def test_attached_pool_reconnects_after_torchrun_restarts_a_killed_rank(torchrun_ranks, example_video, monkeypatch):
     """SIGKILL on attached rank 0 while idle: the pool sees its connection close, its Shutdown to the dead ranks
     fails without leaving the dead connection behind (which blocked every reconnect), and once torchrun has
-    started the ranks again the next request is answered."""
+    started the ranks again the next request is answered. One restart must do: the restarted group meets under
+    keys of its own in torchrun's store (with the last group's keys it fails to form or never does)."""
     proc, listen, key = torchrun_ranks
     monkeypatch.setenv("APBV_AUTHKEY", key)
     with EnginePool(attach=listen, device="cpu") as pool:
