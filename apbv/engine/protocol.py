@@ -20,12 +20,13 @@ EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this 
 class WorkerOptions:
     """video_cache_mb: memory for encoded videos on each rank's device (0: no cache); ship_videos: ranks > 0 never
     read video paths themselves (nodes without shared storage): rank 0 sends them each file; context_cache_mb:
-    memory for conversations' K/V on each rank's device, continued by follow-up questions (0: no cache)."""
+    memory for conversations' K/V on each rank's device, continued by follow-up questions (0: no cache). The two
+    caches are scaled down together where they would hold more than a quarter of a rank's memory left free by
+    the model (`apbv.engine.resources.cache_budgets`)."""
 
     video_cache_mb: int = 2048
     ship_videos: bool = False
     context_cache_mb: int = 4096
-
 
     def as_args(self) -> list[str]:
         """The worker's command-line flags for these options."""

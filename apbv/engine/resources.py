@@ -1,5 +1,6 @@
-"""How many ranks a local engine may start on this machine: one per visible GPU, or on CPU one per core within
-the available memory. Checked when a pool is made, before any process starts."""
+"""What a local engine may take of this machine: how many ranks (one per visible GPU, or on CPU one per core
+within the available memory; checked when a pool is made, before any process starts), and how much of a rank's
+memory its caches may hold (checked by each rank once its model has loaded)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from apbv.errors import InvalidWorldSize
 from apbv.model.loading import default_model_path
 
 CPU_RANK_BYTES = 450 * 2**20  # memory of one CPU rank before the weights (torch, transformers, gloo): ~410 MB seen
+CACHE_SHARE = 0.25  # the most a rank's caches hold together, as a share of its memory free after the model loaded
 
 
 def cores() -> int:
@@ -61,3 +63,18 @@ def checked_world_size(world_size: int | None, device: str, model: str | None) -
             "are available"
         )
     return world_size
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for this rank's data: the GPU's free memory, or the host's available memory for a CPU rank."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
+
+
+def cache_budgets(asked: tuple[int, ...], free: int | None) -> tuple[int, ...]:
+    """The bytes each cache may hold: as `asked`, scaled down together so that they hold at most CACHE_SHARE of
+    `free` (the memory left once the model has loaded; None: unknown, as asked). The rest stays for requests,
+    whose limits (`apbv.config.Limits`) do not count the caches."""
+    total = sum(asked)
+    if free is None or total <= CACHE_SHARE * free:
+        return tuple(asked)
+    return tuple(int(b * CACHE_SHARE * free / total) for b in asked)

@@ -47,6 +47,7 @@ from apbv.engine.protocol import (
     ToEngine,
     WorkerOptions,
 )
+from apbv.engine.resources import cache_budgets, free_memory
 from apbv.engine.video_cache import VideoCache
 from apbv.errors import ApbvError, Cancelled, EngineError, InputError, WorkerDied
 from apbv.metrics import MetricsRecorder, RankMetrics
@@ -145,15 +146,29 @@ def serve(
     groups = _prefix_groups(world_size)
     loaded = load_model(model, device)
     install_faults(loaded, rank)
+    caches = _rank_caches(options, device, rank, world_size)
     channel = None
     if rank == 0:
         channel = make_channel(EngineInfo(world_size, device.type, loaded.name, loaded.spec.read_video_pixels()))
-    caches = RankCaches(VideoCache(options.video_cache_mb << 20), ContextCache(options.context_cache_mb << 20))
     calibration = Calibration.find(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     while _serve_next(rank, world_size, device, groups, loaded, channel, limits, caches, options, calibration):
         pass
     dist.destroy_process_group()
     return channel
+
+
+def _rank_caches(options: WorkerOptions, device: torch.device, rank: int, world_size: int) -> RankCaches:
+    """This rank's caches, as large as asked within `cache_budgets` of its free memory. Every rank takes the
+    smallest budgets of any, so that the ranks of a group keep and evict the same conversations."""
+    asked = (options.video_cache_mb << 20, options.context_cache_mb << 20)
+    budgets = torch.tensor(cache_budgets(asked, free_memory(device)), dtype=torch.int64, device=device)
+    if world_size > 1:
+        dist.all_reduce(budgets, op=dist.ReduceOp.MIN)
+    video_bytes, context_bytes = budgets.tolist()
+    if rank == 0 and (video_bytes, context_bytes) != asked:
+        print(f"caches capped at {video_bytes >> 20} + {context_bytes >> 20} MiB (videos + conversations) to leave "
+              f"memory for requests", file=sys.stderr, flush=True)  # fmt: skip
+    return RankCaches(VideoCache(video_bytes), ContextCache(context_bytes))
 
 
 def _serve_next(
