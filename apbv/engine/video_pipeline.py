@@ -35,14 +35,17 @@ from apbv.video import VideoPlan, decode_frames, resize_frames
 from .video_cache import VideoCache, VideoKey
 
 T = TypeVar("T")
-PATCH_ROWS_PER_CHUNK = 65_536  # pixel rows (14x14 patches) the encoder gets per chunk: fills a GPU, bounds memory
+# pixel rows (14x14 patches) the encoder gets per chunk: on a GPU enough to fill it (and memory stays bounded); on
+# a CPU a few temporal patches, so that resizing them overlaps the decoding of the next ones
+PATCH_ROWS_PER_CHUNK = {"cuda": 65_536, "cpu": 8_192}
 _PREFETCH = 2  # decoded chunks waiting at most
 
 
-def chunk_frames(plan_size: tuple[int, int], spec: ProcessorSpec) -> int:
-    """Frames per chunk: whole temporal patches, about PATCH_ROWS_PER_CHUNK pixel rows."""
+def chunk_frames(plan_size: tuple[int, int], spec: ProcessorSpec, device: torch.device) -> int:
+    """Frames per chunk: whole temporal patches, about PATCH_ROWS_PER_CHUNK pixel rows for `device`'s kind."""
     rows_per_patch = (plan_size[0] // spec.patch_size) * (plan_size[1] // spec.patch_size)
-    return spec.temporal_patch_size * max(1, PATCH_ROWS_PER_CHUNK // rows_per_patch)
+    rows = PATCH_ROWS_PER_CHUNK["cuda" if device.type == "cuda" else "cpu"]
+    return spec.temporal_patch_size * max(1, rows // rows_per_patch)
 
 
 def decoded_chunks(
@@ -160,7 +163,7 @@ def video_embeddings(
     failure = None
     try:
         with _readable_path(plan, comm, files, metrics) as path:
-            chunks = decoded_chunks(path, plan, indices, chunk_frames(plan.sizes[0], spec), metrics,
+            chunks = decoded_chunks(path, plan, indices, chunk_frames(plan.sizes[0], spec, rank_model.device), metrics,
                                     pin=rank_model.device.type == "cuda")  # fmt: skip
             local = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
     except InputError as err:  # corrupt or truncated data past what the probe saw, found by this rank

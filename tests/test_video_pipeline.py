@@ -1,0 +1,36 @@
+"""One rank's video pipeline (`apbv.engine.video_pipeline`): frames decoded in a background thread and encoded chunk
+by chunk give the embeddings of one read of the whole video encoded at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apbv.engine.video_pipeline import chunk_frames, decoded_chunks, encode_chunks, prefetched
+from apbv.inputs import ProcessorSpec, patchify
+from apbv.metrics import MetricsRecorder
+from apbv.model.qwen2_5_vl import QwenVLRank
+from apbv.video import plan_video, read_video
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_chunks_are_a_few_temporal_patches_and_gpu_chunks_fill_the_gpu():
+    spec = ProcessorSpec()
+    size = (532, 952)  # a 1080p frame at qwen-vl-utils' default size for 64 frames: 2,584 pixel rows per patch
+    cpu, gpu = chunk_frames(size, spec, CPU), chunk_frames(size, spec, torch.device("cuda", 0))
+    assert cpu == 2 * (8_192 // 2_584) and gpu == 2 * (65_536 // 2_584)
+    assert chunk_frames((4480, 4480), spec, CPU) == spec.temporal_patch_size  # never less than one temporal patch
+
+
+@pytest.mark.parametrize("frames_per_chunk", [2, 6, 64])
+def test_chunked_encoding_equals_encoding_the_whole_video(tiny_model, example_video, frames_per_chunk):
+    rank_model, spec = QwenVLRank(tiny_model), ProcessorSpec()
+    plan = plan_video(example_video, num_frames=16)
+    metrics = MetricsRecorder(0, CPU)
+    chunks = decoded_chunks(example_video, plan, plan.indices, frames_per_chunk, metrics, pin=False)
+    chunked = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
+    video = read_video(example_video, num_frames=16)
+    pixels, grid = patchify(torch.from_numpy(video.frames), spec)
+    whole = rank_model.encode_patches(pixels, grid, MetricsRecorder(0, CPU))
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)  # frames never attend across temporal patches
