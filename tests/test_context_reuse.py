@@ -23,6 +23,7 @@ from apbv.attention.config import AttentionConfig
 from apbv.comm import Comm
 from apbv.engine.api import Request, Result
 from apbv.engine.context_cache import ContextCache, ContextKey
+from apbv.engine.pool import EnginePool
 from apbv.engine.video_cache import VideoKey
 from apbv.inputs import PreparedInputs, ProcessorSpec, build_prompt, patchify
 from apbv.metrics import NullRecorder
@@ -210,3 +211,30 @@ def test_approximate_follow_ups_prefill_afresh_unless_asked(pool):
     assert _answer(pool, opted).summary()["context_reused_tokens"] >= first.n_context
     elsewhere = replace(opted, video_path=other.video)
     assert _answer(pool, elsewhere).summary()["context_reused_tokens"] == 0  # another video
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_follow_up_keeps_the_conversation_it_got_to(tiny_dir):
+    """Stopped after its first token, a follow-up's K/V (the prompt and that token) stay in the cache: the next
+    question, whose history holds the stopped turn, continues all of it instead of prefilling the video again.
+    The seeded random model never stops on its own, so the stop comes while it decodes."""
+    example = load_examples()[0]
+
+    def request(question: str, history: tuple = (), tokens: int = 4) -> Request:
+        return Request(example.video, question, strategy="dense", world_size=1, num_frames=8, max_new_tokens=tokens,
+                       history=history)  # fmt: skip
+
+    with EnginePool(model=str(tiny_dir), world_size=1, device="cpu") as pool:
+        first = _answer(pool, request("Name the needle's colour."))
+        history = (("Name the needle's colour.", first.answer),)
+        stopped = pool.submit(request("Describe it at length.", history, tokens=400))
+        events, text = stopped.events(timeout=WAIT_S), ""
+        for event in events:
+            if event.kind == "token":
+                text = event.data["text"]
+                pool.cancel(stopped.request_id)
+                break
+        assert [e.kind for e in events][-1] == "cancelled"
+        after = _answer(pool, request("And its shape?", history + (("Describe it at length.", text),)))
+    # the first turn went into the stopped one, whose whole prompt this one continues
+    assert after.summary()["context_reused_tokens"] > first.n_context + first.n_query

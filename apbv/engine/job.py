@@ -25,7 +25,7 @@ from apbv.engine.api import Request
 from apbv.errors import TooFewFrames
 from apbv.inputs import ProcessorSpec, Prompt, build_prompt, temporal_shards
 from apbv.metrics import READ, MetricsRecorder
-from apbv.model.generate import generate
+from apbv.model.generate import StoppedTurn, generate
 from apbv.model.loading import LoadedModel
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.model.sampling import SamplingParams
@@ -158,8 +158,8 @@ def run_job(
     """This rank's share of the request (yields token ids): the cached conversation its prompt continues (when
     the header asks for it and every rank has it), else the video's embeddings (read from the file, the cache, or
     `frames`, this rank's frames already read when the header has no video) and a full prefill; then generate.
-    The conversation's K/V go into `contexts` afterwards. `strategy`: the header's own by default (the fidelity
-    benchmark passes a recording one)."""
+    The conversation's K/V go into `contexts` afterwards, also when it was stopped. `strategy`: the header's own
+    by default (the fidelity benchmark passes a recording one)."""
     key = context = None
     if contexts is not None and header.continue_context and header.video is not None:
         key = ContextKey(VideoKey.of(header.video, spec), header.attention, header.world_size)
@@ -171,8 +171,13 @@ def run_job(
             embeddings = video_embeddings(header.video, header.patch_ranges, header.tokens_per_rank, rank_model,
                                           spec, comm, metrics, cache, frames, ship_videos)  # fmt: skip
     strategy = strategy or get_strategy(header.attention)
-    context = yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics, header.sampling,
-                                  should_stop, context)  # fmt: skip
+    try:
+        context = yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics,
+                                      header.sampling, should_stop, context)  # fmt: skip
+    except StoppedTurn as stopped:  # a stopped turn is kept too: the next question continues what it got to
+        if key is not None:
+            contexts.put(header.request_id, key, stopped.context)
+        raise
     if key is not None:
         contexts.put(header.request_id, key, context)
 

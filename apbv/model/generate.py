@@ -38,6 +38,15 @@ class KVContext:
     reused: int = 0  # leading prompt tokens already in the cache when this request started (0: prefilled)
 
 
+class StoppedTurn(Cancelled):
+    """The request was stopped at a token boundary; `context` holds the conversation up to the last token the
+    model has seen (so that the next turn can still continue it)."""
+
+    def __init__(self, context: KVContext) -> None:
+        super().__init__("cancelled")
+        self.context = context
+
+
 def generate(
     rank_model: QwenVLRank,
     prompt: Prompt,
@@ -56,7 +65,7 @@ def generate(
     pipeline); None with a `context` that holds the prompt's first `context.reused` tokens (all video tokens among
     them), whose K/V are kept and only the rest of the prompt is prefilled (`QwenVLRank.extend`, exact attention
     over the cache). `should_stop` is polled on rank 0 at every token boundary; when it returns True all ranks raise
-    Cancelled.
+    StoppedTurn (a Cancelled) with the conversation so far.
     """
     plan = strategy.plan(prompt.n_context, prompt.n_query, comm.world_size)
     metrics.remainder(OTHER_LAYERS, span="prefill", minus=(ATTENTION, COMM_WAIT))
@@ -70,7 +79,7 @@ def generate(
         stop = int(comm.rank == 0 and should_stop())
         token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), recorder).tolist()
         if stop:
-            raise Cancelled("cancelled")
+            raise StoppedTurn(context)
         return int(token)
 
     with metrics.span("prefill"):  # the first token's lm_head and all-reduce count as prefill (time to first token)
