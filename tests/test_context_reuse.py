@@ -214,10 +214,12 @@ def test_approximate_follow_ups_prefill_afresh_unless_asked(pool):
 
 
 @pytest.mark.multiprocess
-def test_a_stopped_follow_up_keeps_the_conversation_it_got_to(tiny_dir):
+def test_a_stopped_follow_up_keeps_the_conversation_it_got_to(tiny_dir, monkeypatch):
     """Stopped after its first token, a follow-up's K/V (the prompt and that token) stay in the cache: the next
     question, whose history holds the stopped turn, continues all of it instead of prefilling the video again.
-    The seeded random model never stops on its own, so the stop comes while it decodes."""
+    The seeded random model never stops on its own, so the stop comes while it decodes; its one rank keeps to one
+    core, so that the client's cancel reaches it while it decodes whatever the scheduler does."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     example = load_examples()[0]
 
     def request(question: str, history: tuple = (), tokens: int = 4) -> Request:
