@@ -94,6 +94,8 @@ class Handle:
 class Comm:
     """Collectives over one process group (default: the world group)."""
 
+    replays_cuda_graphs = True  # decode may replay CUDA graphs between this group's collectives
+
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)

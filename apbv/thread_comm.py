@@ -114,6 +114,10 @@ class ThreadWorld:
 class ThreadComm(Comm):
     """One thread-rank's view of a ThreadWorld (same interface as the process-group Comm)."""
 
+    # thread ranks decoding with CUDA graphs between their collectives hung on an H200 (2026-12-03, cause not
+    # found): they decode eagerly
+    replays_cuda_graphs = False
+
     def __init__(self, world: ThreadWorld, rank: int) -> None:
         self.group = None
         self.world = world

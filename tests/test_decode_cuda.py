@@ -1,4 +1,7 @@
-"""CUDA only: decode with CUDA graphs gives exactly the tokens and hidden states of eager decode."""
+"""CUDA only: decode with CUDA graphs gives exactly the tokens and hidden states of eager decode on one rank (the
+whole token in one graph, its attention over the cache buffers up to a device-side length), also while the cache
+grows past its reserve (the graph is captured again). The W-rank path (pieces around the merged attention) equals
+the one-rank path in `tests/test_decode_step.py`."""
 
 from __future__ import annotations
 
@@ -12,6 +15,21 @@ from apbv.model.decode_step import DecodeStep
 from apbv.model.tiny import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPT, TOKENS, RESERVE = 300, 40, 25
+
+
+def _decode(model, use_graphs: bool, comm: Comm, prompt: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    text = model.model.language_model
+    cache = ShardedKVCache(len(text.layers), reserve=RESERVE)
+    for layer, kv in enumerate(prompt):
+        cache.store(layer, kv, kv)
+    step, token, tokens, hiddens = DecodeStep(text, use_graphs=use_graphs), 5, [], []
+    for i in range(TOKENS):  # past the reserve: the cache grows (and the one-rank graph is captured again)
+        hidden = step(token, PROMPT + i, comm, NullRecorder(), cache, is_tail=True)
+        token = int(torch.argmax(model.lm_head(hidden)))
+        tokens.append(token)
+        hiddens.append(hidden.float())
+    return tokens, torch.stack(hiddens)
 
 
 @torch.inference_mode()
@@ -22,20 +40,10 @@ def test_graph_decode_equals_eager_decode_token_for_token():
     model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(), dtype=torch.bfloat16).cuda().eval()
     text = model.model.language_model
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    steps = {"graphs": DecodeStep(text, use_graphs=True), "eager": DecodeStep(text, use_graphs=False)}
     heads, dim = text.config.num_key_value_heads, text.config.hidden_size // text.config.num_attention_heads
-    prefill = [torch.randn(heads, 300, dim, device="cuda", dtype=torch.bfloat16) for _ in text.layers]
+    prompt = [torch.randn(heads, PROMPT, dim, device="cuda", dtype=torch.bfloat16) for _ in text.layers]
     runs = {}
-    for name, step in steps.items():
-        cache = ShardedKVCache(len(text.layers), reserve=40)
-        for layer, kv in enumerate(prefill):
-            cache.store(layer, kv, kv)
-        token, tokens, hiddens = 5, [], []
-        for i in range(40):  # past the reserve: the cache grows while the graphs keep running
-            hidden = step(token, 300 + i, Comm.single("cuda"), NullRecorder(), cache, is_tail=True)
-            token = int(torch.argmax(model.lm_head(hidden)))
-            tokens.append(token)
-            hiddens.append(hidden.float())
-        runs[name] = (tokens, torch.stack(hiddens))
-    assert runs["graphs"][0] == runs["eager"][0]
-    torch.testing.assert_close(runs["graphs"][1], runs["eager"][1], rtol=0, atol=0)
+    for use_graphs in (True, False):
+        runs[use_graphs] = _decode(model, use_graphs, Comm.single("cuda"), prompt)
+    assert runs[True][0] == runs[False][0]
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)

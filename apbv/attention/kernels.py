@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional: the flash-attn package (CUDA only); never required
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -58,6 +59,54 @@ def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None = 
         return square
     out, lse = merge_partials([_full(q, k[:, :prefix], v[:, :prefix], scale), square])
     return out.to(q.dtype), lse
+
+
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float | None = None) -> Tensor:
+    """Attention of one decode row per head, q (Hq, 1, D), over the first `used` rows of whole cache buffers k/v
+    (Hkv, C, D); `used` is a device tensor (int32, shape (1,)), so that one CUDA graph serves every length up to C.
+    Returns out (Hq, 1, D) in q.dtype.
+
+    CUDA: flash-attention's variable-length kernel, which stops at `seqused_k` (it reads the buffers in place and
+    splits long caches across the GPU); elsewhere, or where that kernel refuses, SDPA with a length mask."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.device.type == "cuda" and q.dtype in _FAST_DTYPES and ("flash_cached", q.device) not in _refused:
+        try:
+            return _flash_cached(q, k, v, used, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no such kernel in this build or on this GPU: the masked path from now on
+            _refused[("flash_cached", q.device)] = None
+    return _masked_cached(q, k, v, used, scale)
+
+
+def _flash_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float) -> Tensor:
+    # varlen layout (rows, heads, D): views of the (H, rows, D) buffers, no copy (the kernel takes row strides)
+    cu_q, cu_k = _cumulative_lengths(q.device, k.shape[1])
+    out = torch.ops.aten._flash_attention_forward(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, 1, k.shape[1], 0.0, False, False,
+        scale=scale, seqused_k=used,
+    )[0]  # fmt: skip
+    return out.transpose(0, 1)
+
+
+@lru_cache(maxsize=64)
+def _cumulative_lengths(device: torch.device, capacity: int) -> tuple[Tensor, Tensor]:
+    """One sequence of one query row over `capacity` key rows (made before a graph capture: capture cannot
+    copy from the host)."""
+    lengths = (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, capacity], dtype=torch.int32))
+    return tuple(t.to(device) for t in lengths)
+
+
+def _masked_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float) -> Tensor:
+    valid = (torch.arange(k.shape[1], device=k.device) < used.to(k.device))[None]  # (1, C): one query row
+    with sdpa_kernel(_MASKED_BACKENDS):  # no cuDNN: it builds an execution plan per shape
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[None], k[None], v[None], attn_mask=valid, scale=scale, enable_gqa=True
+        )
+    return out[0]
+
+
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

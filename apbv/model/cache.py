@@ -28,26 +28,47 @@ class ShardedKVCache:
         hkv, n, d = keys.shape
         kbuf = keys.new_empty(hkv, n + self._reserve, d)
         vbuf = values.new_empty(hkv, n + self._reserve, d)
-        kbuf[:, :n] = keys
-        vbuf[:, :n] = values
+        kbuf[:, :n], kbuf[:, n:] = keys, 0  # spare rows zero: a masked kernel multiplies them by 0, never NaN
+        vbuf[:, :n], vbuf[:, n:] = values, 0
         self._keys[layer_idx], self._values[layer_idx], self._lengths[layer_idx] = kbuf, vbuf, n
 
     def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append decode-token K/V (Hkv, t, D), growing the buffer when the reserve is used up."""
         n, t = self._lengths[layer_idx], keys.shape[1]
-        kbuf, vbuf = self._keys[layer_idx], self._values[layer_idx]
-        if n + t > kbuf.shape[1]:
-            capacity = max(n + t, 2 * kbuf.shape[1])
-            kbuf, vbuf = (self._grown(buf, n, capacity) for buf in (kbuf, vbuf))
-            self._keys[layer_idx], self._values[layer_idx] = kbuf, vbuf
-        kbuf[:, n : n + t] = keys
-        vbuf[:, n : n + t] = values
+        self._make_room(layer_idx, t)
+        self._keys[layer_idx][:, n : n + t] = keys
+        self._values[layer_idx][:, n : n + t] = values
         self._lengths[layer_idx] = n + t
+
+    def make_room(self, rows: int) -> None:
+        """Grow every layer's buffers (doubling) where fewer than `rows` spare rows are left."""
+        for layer_idx in range(len(self._keys)):
+            self._make_room(layer_idx, rows)
+
+    def _make_room(self, layer_idx: int, rows: int) -> None:
+        n, kbuf = self._lengths[layer_idx], self._keys[layer_idx]
+        if n + rows > kbuf.shape[1]:
+            capacity = max(n + rows, 2 * kbuf.shape[1])
+            self._keys[layer_idx] = self._grown(kbuf, n, capacity)
+            self._values[layer_idx] = self._grown(self._values[layer_idx], n, capacity)
+
+    @property
+    def length(self) -> int:
+        """Rows held per layer (the same in every layer between tokens)."""
+        return self._lengths[0]
+
+    def buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's whole (keys, values) buffers, (Hkv, capacity, D): rows past `length` are spare."""
+        return list(zip(self._keys, self._values))
+
+    def advance(self, rows: int) -> None:
+        """Count `rows` more rows in every layer, written into the spare rows of `buffers()` in place."""
+        self._lengths = [n + rows for n in self._lengths]
 
     @staticmethod
     def _grown(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
         out = buf.new_empty(buf.shape[0], capacity, buf.shape[2])
-        out[:, :used] = buf[:, :used]
+        out[:, :used], out[:, used:] = buf[:, :used], 0
         return out
 
     def get(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
