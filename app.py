@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from apbv.engine.pool import EnginePool  # noqa: E402  (after the environment above)
+from apbv.engine.protocol import VIDEO_DECODERS, WorkerOptions  # noqa: E402
 from ui.examples import load_examples  # noqa: E402
 from ui.page import CSS, build_page  # noqa: E402
 
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=_env_int("GRADIO_SERVER_PORT") or 7860)
     p.add_argument("--queue-size", type=int, default=8, help="requests waiting at most (page and engine)")
+    p.add_argument("--video-decoder", choices=VIDEO_DECODERS, default=WorkerOptions.video_decoder,
+                   help="nvdec: decode on the GPUs' video engines (needs PyNvVideoCodec; pixels can differ from "
+                   "FFmpeg's, which qwen-vl-utils reads, by a level or two)")
     p.add_argument("--max-upload-mb", type=int, default=500)
     p.add_argument("--delete-uploads-after", type=int, default=3600, metavar="SECONDS",
                    help="delete uploaded videos this long after their upload (0: keep them until the server stops)")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         pool = EnginePool(model=args.model, world_size=args.gpus, device=args.device, queue_size=args.queue_size,
-                          attach=args.attach)  # fmt: skip
+                          attach=args.attach, options=WorkerOptions(video_decoder=args.video_decoder))  # fmt: skip
     except ValueError as e:  # more ranks than devices
         raise SystemExit(f"error: {e}") from None
     signal.signal(signal.SIGTERM, _exit)  # a terminated server still stops its ranks (the finally below)

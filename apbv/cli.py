@@ -21,6 +21,7 @@ from typing import Sequence
 from apbv.attention.registry import ranks_for
 from apbv.config import Limits
 from apbv.engine.api import REQUEST_STRATEGIES, Event, Request, Result
+from apbv.engine.protocol import VIDEO_DECODERS, WorkerOptions
 from apbv.errors import ApbvError, InputError, TooFewFrames, error_from_code
 from apbv.video import DEFAULT_FPS, FRAME_FACTOR, probe_video, sample_frame_count
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto (default): the strategy and ranks predicted fastest for the prompt")
     ask.add_argument("--world-size", type=int, default=None, help="ranks (default: visible GPUs, else 2 CPU ranks)")
     ask.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    ask.add_argument("--video-decoder", choices=VIDEO_DECODERS, default=WorkerOptions.video_decoder,
+                     help="nvdec: decode on the GPU's video engines (needs PyNvVideoCodec; pixels can differ from "
+                     "FFmpeg's by a level or two)")
     frames = ask.add_mutually_exclusive_group()
     frames.add_argument("--frames", type=int, default=None, help="number of frames to sample")
     frames.add_argument("--fps", type=float, default=None,
@@ -206,7 +210,8 @@ def ask(args: argparse.Namespace, printer: _Printer) -> None:
     from apbv.engine.pool import EnginePool
 
     try:
-        pool = EnginePool(model=args.model, world_size=args.world_size, device=args.device)
+        pool = EnginePool(model=args.model, world_size=args.world_size, device=args.device,
+                          options=WorkerOptions(video_decoder=args.video_decoder))
     except ValueError as e:  # more ranks than devices
         raise InputError(str(e)) from None
     try:

@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
 # One GPU session for the request path end to end and the GPU-efficiency work: CUDA tests (kernels, vision attention,
-# decode graphs), decode ms/token vs transformers, vision tower TFLOP/s, time to first token from real files
-# (dense vs APB-V, and the official qwen-vl-utils + transformers pipeline), the short-input speed points, and
-# profiles of one APB-V/APB layer. Each step has its own time limit and the script goes on when one fails.
-# Usage (repo root; in .whl/: PyAV, decord2 and qwen-vl-utils as wheels or unpacked .tar.xz, where the image lacks
-# them):  OUT=dir [RANKS=8] [ARCH=qwen2.5-vl-3b] [STEPS="tests decode vision e2e speed profile"] bash bench/device_perf.sh
+# decode graphs, NVDEC), decode ms/token vs transformers, vision tower TFLOP/s, time to first token from real files
+# (dense vs APB-V with the CPU decoder; the same with NVDEC; dense beside the official qwen-vl-utils + transformers
+# pipeline), the short-input speed points, and profiles of one APB-V/APB layer. Each step has its own time limit
+# and the script goes on when one fails.
+# Usage (repo root; in .whl/: PyAV, decord2, qwen-vl-utils and PyNvVideoCodec as wheels or unpacked .tar.xz, where
+# the image lacks them):
+#   OUT=dir [RANKS=8] [ARCH=qwen2.5-vl-3b] [STEPS="tests decode vision e2e nvdec transformers speed profile"] \
+#     bash bench/device_perf.sh
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-RANKS=${RANKS:-8} ARCH=${ARCH:-qwen2.5-vl-3b} STEPS=${STEPS:-tests decode vision e2e speed profile}
+RANKS=${RANKS:-8} ARCH=${ARCH:-qwen2.5-vl-3b} STEPS=${STEPS:-tests decode vision e2e nvdec transformers speed profile}
 quiet() { grep --line-buffered -v "Loading\|Warn\|OMP_NUM_THREADS\|\*\*\*\*\|it/s\]"; }
 step() {  # NAME LIMIT_S COMMAND...: run it, stop it at its limit (killed 5 s later if it does not stop), log it
   local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
   timeout -k 5 "$limit" "$@" 2>&1 | quiet | tee "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-[[ $STEPS == *tests* ]] && step kernels_cuda 45 python3 -m pytest -q -p no:cacheprovider --noconftest \
-  tests/test_kernels_cuda.py tests/test_vision_attention.py tests/test_decode_cuda.py
-if [[ $STEPS == *e2e* ]]; then
-  step e2e-default 100 python3 -m apbv.bench.e2e --arch "$ARCH" --videos 1440p:40:10 --frames 64 --world-size "$RANKS" \
-    --strategies dense,apbv --transformers --warmup 1 --repeats 1 --out "$OUT/e2e-$ARCH-default"
-  step e2e-1440p 110 python3 -m apbv.bench.e2e --arch "$ARCH" --videos ${E2E_VIDEOS:-1440p:40:10} --frames 64 \
-    --world-size "$RANKS" --strategies dense,apbv --max-pixels 3686400 --uncapped --warmup 1 --repeats 1 \
-    --out "$OUT/e2e-$ARCH-1440p"
-fi
+TESTS=${TESTS:-tests/test_kernels_cuda.py tests/test_vision_attention.py tests/test_decode_cuda.py tests/test_nvdec_cuda.py}
+[[ $STEPS == *tests* ]] && step kernels_cuda 150 python3 -m pytest -q -s -p no:cacheprovider --noconftest $TESTS
+e2e() {  # NAME LIMIT_S DECODER [ARGS...]: time to first token from the 1440p file, default size and full 1440p
+  local name=$1 limit=$2 decoder=$3; shift 3
+  step "$name-default" "$limit" python3 -m apbv.bench.e2e --arch "$ARCH" --videos 1440p:40:10 --frames 64 \
+    --world-size "$RANKS" --strategies dense,apbv --video-decoder "$decoder" --warmup 1 --repeats 1 \
+    --out "$OUT/$name-$ARCH-default" "$@"
+  step "$name-1440p" "$limit" python3 -m apbv.bench.e2e --arch "$ARCH" --videos ${E2E_VIDEOS:-1440p:40:10} \
+    --frames 64 --world-size "$RANKS" --strategies dense,apbv --max-pixels 3686400 --uncapped \
+    --video-decoder "$decoder" --warmup 1 --repeats 1 --out "$OUT/$name-$ARCH-1440p" "$@"
+}
+[[ $STEPS == *nvdec* ]] && e2e e2e-nvdec 110 nvdec
+[[ $STEPS == *e2e* ]] && e2e e2e 110 cpu
+[[ $STEPS == *transformers* ]] && step e2e-transformers 120 python3 -m apbv.bench.e2e --arch "$ARCH" \
+  --videos 1440p:40:10 --frames 64 --world-size 1 --strategies dense --transformers --warmup 1 --repeats 1 \
+  --out "$OUT/e2e-transformers-$ARCH-default"
 [[ $STEPS == *decode* ]] && step decode 80 python3 -m apbv.bench.decode --arch "$ARCH" --contexts 1024 16384 131072 \
   --repeats 2 --out "$OUT/decode.json"
 [[ $STEPS == *vision* ]] && step vision 50 python3 -m apbv.bench.vision --arch "$ARCH" --resolution 1440p --frames 8 \

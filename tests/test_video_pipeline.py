@@ -28,9 +28,36 @@ def test_chunked_encoding_equals_encoding_the_whole_video(tiny_model, example_vi
     rank_model, spec = QwenVLRank(tiny_model), ProcessorSpec()
     plan = plan_video(example_video, num_frames=16)
     metrics = MetricsRecorder(0, CPU)
-    chunks = decoded_chunks(example_video, plan, plan.indices, frames_per_chunk, metrics, pin=False)
+    chunks = decoded_chunks(example_video, plan, plan.indices, frames_per_chunk, metrics, CPU)
     chunked = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
     video = read_video(example_video, num_frames=16)
     pixels, grid = patchify(torch.from_numpy(video.frames), spec)
     whole = rank_model.encode_patches(pixels, grid, MetricsRecorder(0, CPU))
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)  # frames never attend across temporal patches
+
+
+def test_nvdec_asked_on_a_cpu_rank_decodes_on_the_cpu_and_says_why(example_video, capfd):
+    plan = plan_video(example_video, num_frames=8)
+    metrics = MetricsRecorder(0, CPU)
+    asked = torch.cat(list(decoded_chunks(example_video, plan, plan.indices, 4, metrics, CPU, decoder="nvdec")))
+    cpu = torch.cat(list(decoded_chunks(example_video, plan, plan.indices, 4, MetricsRecorder(0, CPU), CPU)))
+    assert torch.equal(asked, cpu) and asked.shape[0] == 8
+    assert metrics.counters["nvdec"] == 0
+    assert "CPU instead of NVDEC (the rank is not on a GPU)" in capfd.readouterr().err
+
+
+def test_gop_runs_cut_at_keyframes_into_balanced_runs():
+    from apbv.video.nvdec import gop_runs
+    from apbv.video.probe import VideoInfo
+
+    # 400 frames, a keyframe every 40; every 5th frame sampled
+    info = VideoInfo(400, 24.0, 360, 640, "h264", tuple(range(400)), tuple(range(0, 400, 40)))
+    indices = list(range(0, 400, 5))
+    for most in (1, 2, 3, 4, 16):
+        runs = gop_runs(indices, info, most)
+        assert [i for run in runs for i in run] == indices and len(runs) == min(most, 10)
+        gops = [{info.keyframe_before(i) for i in run} for run in runs]
+        assert all(a.isdisjoint(b) for a, b in zip(gops, gops[1:]))  # a GOP never splits between runs
+        sizes = [len(run) for run in runs]
+        assert max(sizes) - min(sizes) <= 80 // 10  # within one GOP's frames of each other
+    assert gop_runs([3, 3, 7], VideoInfo(10, 24.0, 8, 8, "h264"), 4) == [[3, 3, 7]]  # no packet index: one run

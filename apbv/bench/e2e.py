@@ -37,7 +37,9 @@ from apbv.comm import Comm
 from apbv.config import Limits
 from apbv.engine.api import Request
 from apbv.engine.job import JobHeader, prepare_job, run_job
+from apbv.engine.protocol import VIDEO_DECODERS
 from apbv.engine.video_cache import VideoCache
+from apbv.engine.video_pipeline import VideoReading
 from apbv.inputs import ProcessorSpec
 from apbv.metrics import ATTENTION, COMM_WAIT, OTHER_LAYERS, PREPROCESS, READ, VISION, MetricsRecorder
 from apbv.model.loading import LoadedModel
@@ -100,6 +102,7 @@ def run_strategy(name: str, request: Request, loaded: LoadedModel, args) -> dict
     request = replace(request, strategy=name, world_size=world_size)
     world = bench_world(world_size, device)
     caches = [VideoCache(args.video_cache_mb << 20) for _ in range(world_size)]
+    reading = VideoReading(decoder=args.video_decoder)
 
     def plan() -> tuple[JobHeader, float]:
         recorder = MetricsRecorder(0, device)
@@ -111,7 +114,7 @@ def run_strategy(name: str, request: Request, loaded: LoadedModel, args) -> dict
         def rank_fn(rank: int, comm: Comm) -> dict:
             metrics = MetricsRecorder(rank, device)
             cache = caches[rank] if cached else None
-            list(run_job(header, rank_model, spec, comm, metrics, lambda: False, cache=cache))
+            list(run_job(header, rank_model, spec, comm, metrics, lambda: False, cache=cache, reading=reading))
             return metrics.finish().to_dict()
 
         return rank_fn
@@ -131,7 +134,8 @@ def run_strategy(name: str, request: Request, loaded: LoadedModel, args) -> dict
         cached_busy = list(world.busy)
     per_rank = [statistics.median(b[r] for b in busy) for r in range(world_size)]
     return {
-        "strategy": name, "world_size": world_size, "timing": world.timing,
+        "strategy": name, "world_size": world_size, "timing": world.timing, "video_decoder": args.video_decoder,
+        "nvdec_ranks": sum(int(r["counters"].get("nvdec", 0)) for r in records),
         "visual_tokens": header.prompt.visual_tokens, "tokens": header.prompt.n_context + header.prompt.n_query,
         "plan_s": statistics.median(plans), "per_rank_s": per_rank,
         "ttft_s": statistics.median(plans) + max(per_rank),
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--uncapped", action="store_true", help="let --max-pixels exceed qwen-vl-utils' per-frame cap")
     p.add_argument("--transformers", action="store_true", help="also time the official pipeline (needs qwen-vl-utils)")
     p.add_argument("--video-cache-mb", type=int, default=4096)
+    p.add_argument("--video-decoder", choices=VIDEO_DECODERS, default="cpu",
+                   help="nvdec: the GPU's decoder (PyNvVideoCodec) where it can")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/apbv-e2e"))
     p.add_argument("--out", type=Path, help="PREFIX: PREFIX.json and PREFIX.md")
     add_run_arguments(p, warmup=1, repeats=3)
@@ -247,8 +253,15 @@ def _line(row: dict) -> str:
     stages = " ".join(f"{k} {v:.3f}" for k, v in row["stages_s"][slowest].items())
     return (f"{head} ttft {row['ttft_s']:.3f}s (plan {row['plan_s']:.3f}, slowest rank {slowest}: {stages}; decoder "
             f"busy {row['read_busy_s'][slowest]:.3f}); cached follow-up {row['cached_ttft_s']:.3f}s; "
-            f"{row['visual_tokens']} visual tokens; plain decode of the file {row['plain_decode_s']:.3f}s; "
-            f"{row['timing']}")  # fmt: skip
+            f"{row['visual_tokens']} visual tokens; decoded on {_decoded_on(row)}; plain decode of the file "
+            f"{row['plain_decode_s']:.3f}s; {row['timing']}")  # fmt: skip
+
+
+def _decoded_on(row: dict) -> str:
+    """Where the ranks decoded: "CPU", "NVDEC" or "NVDEC on k of W ranks"."""
+    if not row["nvdec_ranks"]:
+        return "CPU"
+    return "NVDEC" if row["nvdec_ranks"] == row["world_size"] else f"NVDEC on {row['nvdec_ranks']} of {row['world_size']} ranks"
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
@@ -259,19 +272,19 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              "preprocessing, vision encoder, attention, communication wait (projected rows: the other ranks' turns, "
              "not part of the latency), other layers.", "",
              "| video | frames | tokens | strategy | W | TTFT | plan | wait for frames | preprocess | vision "
-             "| attention | comm wait | other layers | cached follow-up | timing |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| attention | comm wait | other layers | cached follow-up | decoder | timing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["strategy"] == "transformers":
             lines.append(f"| {r['video']} | {r['frames']} | {r['tokens']:,} | transformers (qwen-vl-utils + "
                          f"processor + generate) | 1 | {r['ttft_s']:.3f} | | read {r['read_s']:.3f} | processor "
-                         f"{r['processor_s']:.3f} | | prefill {r['prefill_s']:.3f} | | | | measured |")  # fmt: skip
+                         f"{r['processor_s']:.3f} | | prefill {r['prefill_s']:.3f} | | | | decord | measured |")  # fmt: skip
             continue
         s = r["stages_s"][max(range(r["world_size"]), key=lambda i: r["per_rank_s"][i])]
         stages = " | ".join(f"{s[k]:.3f}" for k in STAGES)
         lines.append(f"| {r['video']} | {r['frames']} | {r['tokens']:,} | {strategy_label(r['strategy'])} "
                      f"| {r['world_size']} | {r['ttft_s']:.3f} | {r['plan_s']:.3f} | {stages} "
-                     f"| {r['cached_ttft_s']:.3f} | {r['timing']} |")  # fmt: skip
+                     f"| {r['cached_ttft_s']:.3f} | {_decoded_on(r)} | {r['timing']} |")  # fmt: skip
     videos = dict.fromkeys((r["video"], r["plain_decode_s"], r["file_mb"]) for r in rows)
     lines += ["", "Plain threaded decode of every frame of each file (the floor of reading it):", ""]
     lines += [f"- {v}: {s:.3f} s ({mb:.1f} MB)" for v, s, mb in videos]

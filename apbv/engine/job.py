@@ -34,7 +34,7 @@ from apbv.video import VideoPlan, plan_video
 from .context_cache import ContextCache, ContextKey, continued_context
 from .cost_model import Calibration, Choice, choose
 from .video_cache import VideoCache, VideoKey
-from .video_pipeline import video_embeddings
+from .video_pipeline import VideoReading, video_embeddings
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def run_job(
     *,
     cache: VideoCache | None = None,
     contexts: ContextCache | None = None,
-    ship_videos: bool = False,
+    reading: VideoReading = VideoReading(),
     frames: np.ndarray | torch.Tensor | None = None,
     strategy: Strategy | None = None,
 ) -> Iterator[int]:
@@ -169,7 +169,7 @@ def run_job(
     if context is None:
         with metrics.span("vision"):
             embeddings = video_embeddings(header.video, header.patch_ranges, header.tokens_per_rank, rank_model,
-                                          spec, comm, metrics, cache, frames, ship_videos)  # fmt: skip
+                                          spec, comm, metrics, cache, frames, reading)  # fmt: skip
     strategy = strategy or get_strategy(header.attention)
     try:
         context = yield from generate(rank_model, header.prompt, embeddings, strategy, comm, metrics,

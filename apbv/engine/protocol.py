@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from apbv.engine.api import Event, Request
 
+VIDEO_DECODERS = ("cpu", "nvdec")
 EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this code; the pool reports OutOfMemory
 
 
@@ -22,15 +23,22 @@ class WorkerOptions:
     read video paths themselves (nodes without shared storage): rank 0 sends them each file; context_cache_mb:
     memory for conversations' K/V on each rank's device, continued by follow-up questions (0: no cache). The two
     caches are scaled down together where they would hold more than a quarter of a rank's memory left free by
-    the model (`apbv.engine.resources.cache_budgets`)."""
+    the model (`apbv.engine.resources.cache_budgets`). video_decoder: "cpu" (FFmpeg: qwen-vl-utils' frames) or
+    "nvdec" (the GPU's video engines where they can, `apbv.video.nvdec`)."""
 
     video_cache_mb: int = 2048
     ship_videos: bool = False
     context_cache_mb: int = 4096
+    video_decoder: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.video_decoder not in VIDEO_DECODERS:
+            raise ValueError(f"video_decoder must be one of {', '.join(VIDEO_DECODERS)}, not {self.video_decoder!r}")
 
     def as_args(self) -> list[str]:
         """The worker's command-line flags for these options."""
-        flags = [f"--video-cache-mb={self.video_cache_mb}", f"--context-cache-mb={self.context_cache_mb}"]
+        flags = [f"--video-cache-mb={self.video_cache_mb}", f"--context-cache-mb={self.context_cache_mb}",
+                 f"--video-decoder={self.video_decoder}"]  # fmt: skip
         return flags + (["--ship-videos"] if self.ship_videos else [])
 
 

@@ -20,17 +20,19 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 
 from apbv.comm import Comm
-from apbv.errors import ERROR_CODES, InputError, error_from_code
+from apbv.errors import ERROR_CODES, InputError, VideoUnreadable, error_from_code
 from apbv.inputs import ProcessorSpec, patchify, shard_frames
 from apbv.metrics import PREPROCESS, READ, MetricsRecorder
 from apbv.model.qwen2_5_vl import QwenVLRank
 from apbv.video import VideoPlan, decode_frames, resize_frames
+from apbv.video.nvdec import nvdec_frames, nvdec_unavailable, open_nvdec, say_once
 
 from .video_cache import VideoCache, VideoKey
 
@@ -48,22 +50,52 @@ def chunk_frames(plan_size: tuple[int, int], spec: ProcessorSpec, device: torch.
     return spec.temporal_patch_size * max(1, rows // rows_per_patch)
 
 
+@dataclass(frozen=True)
+class VideoReading:
+    """How a rank reads videos. ship: it never opens the path itself (its node has no copy): rank 0 sends it the
+    file; decoder: "cpu" (FFmpeg through PyAV: the frames qwen-vl-utils' readers give) or "nvdec" (the GPU's
+    video engines, `apbv.video.nvdec`, on the CPU where they cannot)."""
+
+    ship: bool = False
+    decoder: str = "cpu"
+
+
+
 def decoded_chunks(
-    path: str, plan: VideoPlan, indices: tuple[int, ...], frames_per_chunk: int, metrics: MetricsRecorder, pin: bool
+    path: str, plan: VideoPlan, indices: tuple[int, ...], frames_per_chunk: int, metrics: MetricsRecorder,
+    device: torch.device, decoder: str = "cpu",
 ) -> Iterator[torch.Tensor]:
-    """Frames `indices` of the planned video, decoded in chunks of `frames_per_chunk` ((t, H, W, 3) uint8, pinned
-    for a fast copy to a GPU when `pin`)."""
-    threads = torch.get_num_threads()
-    frames = decode_frames(path, plan.info, indices, threads)
+    """Frames `indices` of the planned video in chunks of `frames_per_chunk` ((t, H, W, 3) uint8): on `device` from
+    NVDEC when `decoder` is "nvdec" and it can, else from the CPU (pinned for a fast copy to a GPU). The counter
+    "nvdec" says which."""
+    batches = None
+    if decoder == "nvdec":
+        reason = nvdec_unavailable(plan.info, device)
+        if reason is None:
+            try:
+                session = open_nvdec(path, plan.info, device)
+                batches = nvdec_frames(path, plan.info, indices, device, frames_per_chunk, first=session)
+            except VideoUnreadable as err:
+                reason = str(err)
+        if batches is None:
+            say_once(reason)
+    metrics.add("nvdec", int(batches is not None))
+    if batches is None:
+        batches = _cpu_chunks(path, plan, indices, frames_per_chunk, pin=device.type == "cuda")
     while True:
         start = time.perf_counter()
-        batch = [frame for _, frame in zip(range(frames_per_chunk), frames)]
-        if not batch:
+        chunk = next(batches, None)
+        if chunk is None:
             return
-        chunk = torch.from_numpy(np.stack(batch))
-        chunk = chunk.pin_memory() if pin else chunk
         metrics.add("read_busy_s", time.perf_counter() - start)
         yield chunk
+
+
+def _cpu_chunks(path: str, plan: VideoPlan, indices: tuple[int, ...], per_chunk: int, pin: bool) -> Iterator[torch.Tensor]:
+    frames = decode_frames(path, plan.info, indices, torch.get_num_threads())
+    while batch := [frame for _, frame in zip(range(per_chunk), frames)]:
+        chunk = torch.from_numpy(np.stack(batch))
+        yield chunk.pin_memory() if pin else chunk
 
 
 def prefetched(items: Iterable[T], depth: int = _PREFETCH) -> Iterator[T]:
@@ -131,12 +163,12 @@ def video_embeddings(
     metrics: MetricsRecorder,
     cache: VideoCache | None = None,
     frames: torch.Tensor | None = None,
-    ship_videos: bool = False,
+    reading: VideoReading = VideoReading(),
 ) -> torch.Tensor:
     """Every video token's embedding in token order, on every rank of `comm`.
 
     plan: the video to read (None: `frames`, this rank's frames already read and resized, e.g. in-memory tests).
-    ship_videos: this rank never reads the path itself (its node has no copy); rank 0 sends the file.
+    reading: how this rank reads it (whether rank 0 ships it the file; the decoder).
     """
     mine = patch_ranges[comm.rank]
     if plan is None:
@@ -145,7 +177,7 @@ def video_embeddings(
         return rank_model.gather_video(local, tokens_per_rank, comm, metrics)
     key = VideoKey.of(plan, spec)
     cached = cache.get(key) if cache is not None else None
-    has_file = comm.rank == 0 or (not ship_videos and _same_file(plan))
+    has_file = comm.rank == 0 or (not reading.ship and _same_file(plan))
     mine_flags = torch.tensor([[cached is not None, has_file]], dtype=torch.int32, device=comm.device)
     flags = comm.all_gather(mine_flags, metrics=metrics)
     hits, files = [bool(f[0, 0]) for f in flags], [bool(f[0, 1]) for f in flags]
@@ -164,7 +196,7 @@ def video_embeddings(
     try:
         with _readable_path(plan, comm, files, metrics) as path:
             chunks = decoded_chunks(path, plan, indices, chunk_frames(plan.sizes[0], spec, rank_model.device), metrics,
-                                    pin=rank_model.device.type == "cuda")  # fmt: skip
+                                    rank_model.device, reading.decoder)  # fmt: skip
             local = encode_chunks(prefetched(chunks), plan.sizes, rank_model, spec, metrics)
     except InputError as err:  # corrupt or truncated data past what the probe saw, found by this rank
         failure = err

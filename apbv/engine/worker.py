@@ -38,6 +38,7 @@ from apbv.engine.job import JobHeader, gather_metrics, prepare_job, run_job
 from apbv.engine.parent_watch import EXIT_POOL_LOST
 from apbv.engine.protocol import (
     EXIT_OUT_OF_MEMORY,
+    VIDEO_DECODERS,
     Cancel,
     EngineInfo,
     EventMessage,
@@ -49,6 +50,7 @@ from apbv.engine.protocol import (
 )
 from apbv.engine.resources import cache_budgets, free_memory
 from apbv.engine.video_cache import VideoCache
+from apbv.engine.video_pipeline import VideoReading
 from apbv.errors import ApbvError, Cancelled, EngineError, InputError, WorkerDied
 from apbv.metrics import MetricsRecorder, RankMetrics
 from apbv.model.loading import LoadedModel, load_model
@@ -199,7 +201,8 @@ def _serve_next(
         metrics = MetricsRecorder(rank, device, start_s=header.started_s)  # on rank 0's timeline
     if rank < header.world_size:
         comm = Comm(groups[header.world_size], device) if header.world_size > 1 else Comm.single(device)
-        record = _run_rank(header, loaded, comm, channel, metrics, caches, options.ship_videos and rank > 0)
+        reading = VideoReading(options.ship_videos and rank > 0, options.video_decoder)
+        record = _run_rank(header, loaded, comm, channel, metrics, caches, reading)
     records = gather_metrics(record, world_size)
     if rank == 0 and not record["failed"]:  # a failed request has had its error event
         if record["cancelled"]:
@@ -249,7 +252,7 @@ def _run_rank(
     channel: Channel | None,
     metrics: MetricsRecorder,
     caches: RankCaches,
-    ship_videos: bool,
+    reading: VideoReading,
 ) -> dict:
     """Run this rank's share of a job; rank 0 streams tokens. Returns this rank's metrics record."""
     rid = header.request_id
@@ -260,7 +263,7 @@ def _run_rank(
     cancelled = failed = False
     try:
         tokens = run_job(header, loaded.rank_model, loaded.spec, comm, metrics, should_stop, cache=caches.videos,
-                         contexts=caches.contexts, ship_videos=ship_videos)  # fmt: skip
+                         contexts=caches.contexts, reading=reading)  # fmt: skip
         for token in tokens:
             if stream is not None:
                 stream.push(token)
@@ -341,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="device memory per rank for conversations' K/V, continued by follow-ups (0: off)")
     parser.add_argument("--ship-videos", action="store_true",
                         help="ranks > 0 get each video file from rank 0 (nodes without shared storage)")
+    parser.add_argument("--video-decoder", choices=VIDEO_DECODERS, default=WorkerOptions.video_decoder,
+                        help="cpu: FFmpeg (the frames qwen-vl-utils reads); nvdec: the GPU's decoder where it can "
+                        "(needs PyNvVideoCodec; pixels can differ from FFmpeg's by a level or two)")
     args = parser.parse_args(argv)
 
     def accept_pool(info: EngineInfo) -> PoolChannel:
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             return PoolChannel(listener.accept(), info)
 
     limits = Limits(**json.loads(args.limits)) if args.limits else None
-    options = WorkerOptions(args.video_cache_mb, args.ship_videos, args.context_cache_mb)
+    options = WorkerOptions(args.video_cache_mb, args.ship_videos, args.context_cache_mb, args.video_decoder)
     channel = serve(args.model, accept_pool, limits, args.rendezvous_file, options)
     if channel is not None and channel.lost:
         sys.exit(EXIT_POOL_LOST)
