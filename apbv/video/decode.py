@@ -1,5 +1,6 @@
 """Decode only the frames a rank needs: seek to the keyframe before the first, decode forward with FFmpeg's frame
-threads, convert just the wanted frames to RGB.
+threads, seek again past the rest of a GOP when the next wanted frame lies in a later one, convert just the wanted
+frames to RGB.
 
 Frames are matched by presentation timestamp against the probe's packet index (`VideoInfo.frame_pts`), so seeking
 never shifts an index; streams without timestamps are decoded from the start and counted.
@@ -39,17 +40,25 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             keyframe = info.keyframe_before(target)
-            if keyframe is not None:
-                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
-            for position, frame in _numbered(container.decode(stream), info):
-                if position < target:
-                    continue
-                last = frame.to_ndarray(format="rgb24")
-                while target is not None and target <= position:
-                    yield last
-                    target = next(wanted, None)
-                if target is None:
-                    return
+            while True:  # decode forward from `keyframe`; jump ahead where the next frame wanted is a later GOP's
+                if keyframe is not None:
+                    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                keyframe = None
+                for position, frame in _numbered(container.decode(stream), info):
+                    if position < target:
+                        continue
+                    last = frame.to_ndarray(format="rgb24")
+                    while target is not None and target <= position:
+                        yield last
+                        target = next(wanted, None)
+                    if target is None:
+                        return
+                    ahead = info.keyframe_before(target)
+                    if ahead is not None and frame.pts is not None and ahead > frame.pts:
+                        keyframe = ahead  # the rest of this GOP is not wanted
+                        break
+                if keyframe is None:  # the stream ended
+                    break
     except av.FFmpegError as e:
         raise VideoUnreadable(f"{name} is corrupt or truncated ({reason(e)})") from e
     if last is None:
