@@ -13,6 +13,7 @@ import torch
 from apbv import video as video_mod
 from apbv.errors import InputError, NoFrames, VideoNotFound, VideoUnreadable
 from apbv.inputs import ProcessorSpec, shard_frames, temporal_shards
+from apbv.video import decode as decode_module
 from apbv.video import (
     decode_frames,
     estimate_visual_tokens,
@@ -163,9 +164,14 @@ def seekable(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv", "gop1"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kind, world_size):
-    """Per-rank decoding (seek to the keyframe before the rank's first frame) returns the same frames, pixel for
-    pixel, as decoding the whole file once, for constant and variable rates and a header without a frame count."""
+@pytest.mark.parametrize("reseek_min_frames", [1, decode_module.RESEEK_MIN_FRAMES])
+def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kind, world_size, reseek_min_frames,
+                                                                   monkeypatch):  # fmt: skip
+    """Per-rank decoding (seek to the keyframe before the rank's first frame, and again past the rest of a GOP with
+    no frame wanted: on these short GOPs only when any skipped frame makes a jump worth it) returns the same
+    frames, pixel for pixel, as decoding the whole file once, for constant and variable rates and a header without
+    a frame count."""
+    monkeypatch.setattr(decode_module, "RESEEK_MIN_FRAMES", reseek_min_frames)
     plan = plan_video(seekable[kind], num_frames=14)
     single = list(decode_frames(plan.path, plan.info, plan.indices))
     assert [frame_index(f) for f in single] == list(plan.indices)

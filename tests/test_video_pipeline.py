@@ -61,3 +61,21 @@ def test_gop_runs_cut_at_keyframes_into_balanced_runs():
         sizes = [len(run) for run in runs]
         assert max(sizes) - min(sizes) <= 80 // 10  # within one GOP's frames of each other
     assert gop_runs([3, 3, 7], VideoInfo(10, 24.0, 8, 8, "h264"), 4) == [[3, 3, 7]]  # no packet index: one run
+
+
+def test_frames_nvdec_did_not_give_come_from_the_cpu_decoder(example_video, capfd):
+    """NVDEC failing part way (a profile it lacks, no free session): the CPU decoder gives the rest, so the rank
+    still gets every frame once, in order."""
+    from apbv.engine.video_pipeline import _finished_on_cpu
+    from apbv.errors import VideoUnreadable
+
+    plan = plan_video(example_video, num_frames=12)
+    cpu = list(decoded_chunks(example_video, plan, plan.indices, 4, MetricsRecorder(0, CPU), CPU))
+
+    def failing_after_one_batch():
+        yield cpu[0]
+        raise VideoUnreadable("NVDEC could not decode frames 4-7: test")
+
+    got = list(_finished_on_cpu(failing_after_one_batch(), example_video, plan, plan.indices, 4, pin=False))
+    assert torch.equal(torch.cat(got), torch.cat(cpu))
+    assert "NVDEC could not decode frames 4-7" in capfd.readouterr().err

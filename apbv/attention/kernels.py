@@ -81,7 +81,7 @@ def attend_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float | 
 
 def _flash_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float) -> Tensor:
     # varlen layout (rows, heads, D): views of the (H, rows, D) buffers, no copy (the kernel takes row strides)
-    cu_q, cu_k = _cumulative_lengths(q.device, k.shape[1])
+    cu_q, cu_k = cached_attention_lengths(q.device, k.shape[1])
     out = torch.ops.aten._flash_attention_forward(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, 1, k.shape[1], 0.0, False, False,
         scale=scale, seqused_k=used,
@@ -90,9 +90,10 @@ def _flash_cached(q: Tensor, k: Tensor, v: Tensor, used: Tensor, scale: float) -
 
 
 @lru_cache(maxsize=64)
-def _cumulative_lengths(device: torch.device, capacity: int) -> tuple[Tensor, Tensor]:
-    """One sequence of one query row over `capacity` key rows (made before a graph capture: capture cannot
-    copy from the host)."""
+def cached_attention_lengths(device: torch.device, capacity: int) -> tuple[Tensor, Tensor]:
+    """The cumulative lengths `attend_cached`'s flash kernel reads on `device`: one sequence of one query row over
+    `capacity` key rows. Made once (a graph capture cannot copy from the host); a CUDA graph that captured them
+    must keep a reference, since this cache may drop them."""
     lengths = (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, capacity], dtype=torch.int32))
     return tuple(t.to(device) for t in lengths)
 

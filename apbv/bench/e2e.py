@@ -261,7 +261,9 @@ def _decoded_on(row: dict) -> str:
     """Where the ranks decoded: "CPU", "NVDEC" or "NVDEC on k of W ranks"."""
     if not row["nvdec_ranks"]:
         return "CPU"
-    return "NVDEC" if row["nvdec_ranks"] == row["world_size"] else f"NVDEC on {row['nvdec_ranks']} of {row['world_size']} ranks"
+    if row["nvdec_ranks"] == row["world_size"]:
+        return "NVDEC"
+    return f"NVDEC on {row['nvdec_ranks']} of {row['world_size']} ranks"
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
@@ -278,7 +280,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         if r["strategy"] == "transformers":
             lines.append(f"| {r['video']} | {r['frames']} | {r['tokens']:,} | transformers (qwen-vl-utils + "
                          f"processor + generate) | 1 | {r['ttft_s']:.3f} | | read {r['read_s']:.3f} | processor "
-                         f"{r['processor_s']:.3f} | | prefill {r['prefill_s']:.3f} | | | | decord | measured |")  # fmt: skip
+                         f"{r['processor_s']:.3f} | | prefill {r['prefill_s']:.3f} | | | | decord "
+                         "| measured |")  # fmt: skip
             continue
         s = r["stages_s"][max(range(r["world_size"]), key=lambda i: r["per_rank_s"][i])]
         stages = " | ".join(f"{s[k]:.3f}" for k in STAGES)

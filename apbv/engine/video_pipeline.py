@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from apbv.comm import Comm
+from apbv.engine.protocol import VIDEO_DECODERS
 from apbv.errors import ERROR_CODES, InputError, VideoUnreadable, error_from_code
 from apbv.inputs import ProcessorSpec, patchify, shard_frames
 from apbv.metrics import PREPROCESS, READ, MetricsRecorder
@@ -59,6 +60,9 @@ class VideoReading:
     ship: bool = False
     decoder: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.decoder not in VIDEO_DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(VIDEO_DECODERS)}, not {self.decoder!r}")
 
 
 def decoded_chunks(
@@ -66,22 +70,24 @@ def decoded_chunks(
     device: torch.device, decoder: str = "cpu",
 ) -> Iterator[torch.Tensor]:
     """Frames `indices` of the planned video in chunks of `frames_per_chunk` ((t, H, W, 3) uint8): on `device` from
-    NVDEC when `decoder` is "nvdec" and it can, else from the CPU (pinned for a fast copy to a GPU). The counter
-    "nvdec" says which."""
+    NVDEC when `decoder` is "nvdec" and it can, else from the CPU (pinned for a fast copy to a GPU). Where NVDEC
+    fails part way, the CPU decodes the rest. The counter "nvdec" says whether NVDEC started."""
+    pin = device.type == "cuda"
     batches = None
     if decoder == "nvdec":
         reason = nvdec_unavailable(plan.info, device)
         if reason is None:
             try:
                 session = open_nvdec(path, plan.info, device)
-                batches = nvdec_frames(path, plan.info, indices, device, frames_per_chunk, first=session)
+                batches = _finished_on_cpu(nvdec_frames(path, plan.info, indices, device, frames_per_chunk, session),
+                                           path, plan, indices, frames_per_chunk, pin)  # fmt: skip
             except VideoUnreadable as err:
                 reason = str(err)
         if batches is None:
             say_once(reason)
     metrics.add("nvdec", int(batches is not None))
     if batches is None:
-        batches = _cpu_chunks(path, plan, indices, frames_per_chunk, pin=device.type == "cuda")
+        batches = _cpu_chunks(path, plan, indices, frames_per_chunk, pin)
     while True:
         start = time.perf_counter()
         chunk = next(batches, None)
@@ -91,7 +97,24 @@ def decoded_chunks(
         yield chunk
 
 
-def _cpu_chunks(path: str, plan: VideoPlan, indices: tuple[int, ...], per_chunk: int, pin: bool) -> Iterator[torch.Tensor]:
+def _finished_on_cpu(
+    batches: Iterator[torch.Tensor], path: str, plan: VideoPlan, indices: tuple[int, ...], per_chunk: int, pin: bool
+) -> Iterator[torch.Tensor]:
+    """NVDEC's `batches`; where NVDEC fails (a profile it lacks, no free session, a seek it gets wrong), the frames
+    it did not give, from the CPU decoder (which raises the typed error if the data is really unreadable)."""
+    done = 0
+    try:
+        for batch in batches:
+            done += batch.shape[0]
+            yield batch
+    except VideoUnreadable as err:
+        say_once(str(err))
+        yield from _cpu_chunks(path, plan, indices[done:], per_chunk, pin)
+
+
+def _cpu_chunks(
+    path: str, plan: VideoPlan, indices: tuple[int, ...], per_chunk: int, pin: bool
+) -> Iterator[torch.Tensor]:
     frames = decode_frames(path, plan.info, indices, torch.get_num_threads())
     while batch := [frame for _, frame in zip(range(per_chunk), frames)]:
         chunk = torch.from_numpy(np.stack(batch))

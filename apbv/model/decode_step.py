@@ -18,13 +18,15 @@ and the merge run eagerly between them (thread ranks, which project W ranks on o
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
 from apbv.attention.decode import distributed_attention
-from apbv.attention.kernels import attend_cached
+from apbv.attention.kernels import attend_cached, cached_attention_lengths
 from apbv.comm import Comm
 from apbv.metrics import MetricsRecorder
 from apbv.model.cache import ShardedKVCache
@@ -109,7 +111,7 @@ class DecodeStep:
         if self._whole is None or not self._whole.serves(cache):
             self._whole = None  # the last cache's graph and its memory go first
             self._whole = _WholeToken(self, cache)
-        hidden = self._whole.run(cache.length)
+        hidden = self._whole.run(cache)
         cache.advance(1)
         return hidden
 
@@ -174,24 +176,27 @@ class DecodeStep:
 
 class _WholeToken:
     """One token through every layer over one cache's buffers, for a group of one rank: a CUDA graph when the
-    step uses graphs (captured on the first token), eager otherwise. The row it writes is `slot`, a device
-    tensor set before each run, so the same graph serves every length the buffers have room for."""
+    step uses graphs (captured on the first token: two eager warm-up runs and the capture, once per request and
+    whenever the cache grows), eager otherwise. The row it writes is `slot`, a device tensor set before each run,
+    so the same graph serves every length the buffers have room for. It holds the buffers only weakly: a cache
+    that is dropped frees its memory, and a graph over freed buffers is never replayed (`serves` is then False)."""
 
     def __init__(self, step: DecodeStep, cache: ShardedKVCache) -> None:
         self.step = step
-        self.buffers = cache.buffers()
+        self._buffers = [(weakref.ref(k), weakref.ref(v)) for k, v in cache.buffers()]
         self.slot = torch.zeros(1, dtype=torch.long, device=step.device)  # the new token's row
         self.used = torch.zeros(1, dtype=torch.int32, device=step.device)  # rows attended: slot + 1
+        self.lengths = cached_attention_lengths(step.device, cache.buffers()[0][0].shape[1])  # read by the graph
         self.hidden: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def serves(self, cache: ShardedKVCache) -> bool:
         """Whether `cache` still has the buffers this token was built over."""
-        return all(k is mine_k and v is mine_v for (k, v), (mine_k, mine_v) in zip(cache.buffers(), self.buffers))
+        return all(k is mine_k() and v is mine_v() for (k, v), (mine_k, mine_v) in zip(cache.buffers(), self._buffers))
 
-    def forward(self) -> None:
+    def forward(self, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         hidden, cos, sin = self.step.embed()
-        for layer, (keys, values) in zip(self.step.text.layers, self.buffers):
+        for layer, (keys, values) in zip(self.step.text.layers, buffers):
             q, k, v = _before_attention(layer, hidden, cos, sin)
             keys.index_copy_(1, self.slot, k[0])
             values.index_copy_(1, self.slot, v[0])
@@ -199,15 +204,15 @@ class _WholeToken:
             hidden = _after_attention(layer, hidden, _heads_to_row(out))
         self.hidden = self.step.text.norm(hidden[:, -1])[0]
 
-    def run(self, length: int) -> torch.Tensor:
-        """The token written at row `length`; its final hidden state (H,)."""
-        self.slot.fill_(length)
-        self.used.fill_(length + 1)
+    def run(self, cache: ShardedKVCache) -> torch.Tensor:
+        """The token written at row `cache.length` of the cache it serves; its final hidden state (H,)."""
+        self.slot.fill_(cache.length)
+        self.used.fill_(cache.length + 1)
         if not self.step.use_graphs:
-            self.forward()
+            self.forward(cache.buffers())
             return self.hidden
         if self.graph is None:  # its warm-up runs write this same token's K/V into the same row
-            self.graph = _graph(self.forward, None)
+            self.graph = _graph(partial(self.forward, cache.buffers()), None)
         self.graph.replay()
         return self.hidden.clone()
 

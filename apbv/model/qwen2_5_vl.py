@@ -8,6 +8,7 @@ the strategy's prefill, or the distributed decode over the sharded KV cache.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, Sequence
@@ -86,7 +87,7 @@ class QwenVLRank:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._decode = DecodeStep(self.text)
+        self._decode_steps = threading.local()  # a DecodeStep per thread: thread ranks share one QwenVLRank
 
     @property
     def num_layers(self) -> int:
@@ -222,7 +223,10 @@ class QwenVLRank:
         is_tail: bool,
     ) -> torch.Tensor:
         """One decode token on every rank: exact attention over the sharded cache. Returns final hidden (H,)."""
-        return self._decode(token_id, position, comm, metrics, cache, is_tail)
+        step = getattr(self._decode_steps, "step", None)
+        if step is None:
+            step = self._decode_steps.step = DecodeStep(self.text)
+        return step(token_id, position, comm, metrics, cache, is_tail)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,10 @@ from apbv.errors import NoFrames, VideoUnreadable
 
 from .probe import VideoInfo, reason
 
+# frames a jump to a later keyframe must skip to be worth it: a seek flushes FFmpeg's frame threads, which then
+# refill their pipeline (about one frame per thread)
+RESEEK_MIN_FRAMES = 16
+
 
 def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], threads: int = 0) -> Iterator[np.ndarray]:
     """Frames `indices` (ascending, repeats allowed) of the video probed as `info`, as (H, W, 3) uint8 RGB, in
@@ -55,8 +59,10 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                         return
                     ahead = info.keyframe_before(target)
                     if ahead is not None and frame.pts is not None and ahead > frame.pts:
-                        keyframe = ahead  # the rest of this GOP is not wanted
-                        break
+                        skipped = bisect.bisect_left(info.frame_pts, ahead) - position - 1
+                        if skipped >= RESEEK_MIN_FRAMES:  # the rest of this GOP is not wanted: jump over it
+                            keyframe = ahead
+                            break
                 if keyframe is None:  # the stream ended
                     break
     except av.FFmpegError as e:

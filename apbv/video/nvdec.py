@@ -54,13 +54,13 @@ def open_nvdec(path: str | Path, info: VideoInfo, device: torch.device):
     """An NVDEC decoder session of the file on `device`, giving interleaved RGB in device memory. Raises
     VideoUnreadable where NVDEC cannot open it or counts its frames unlike the probe (the caller then decodes on
     the CPU)."""
-    import PyNvVideoCodec as nvc
-
     try:
+        import PyNvVideoCodec as nvc
+
         decoder = nvc.SimpleDecoder(str(path), gpu_id=device.index or 0, use_device_memory=True,
                                     cuda_stream=torch.cuda.current_stream(device).cuda_stream,
                                     output_color_type=nvc.OutputColorType.RGB)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - its bindings raise plain Exceptions
+    except Exception as e:  # noqa: BLE001 - a broken install (no libnvcuvid), or its bindings' plain Exceptions
         raise VideoUnreadable(f"NVDEC could not open {Path(path).name}: {e}") from e
     if len(decoder) != info.frame_count:
         raise VideoUnreadable(f"NVDEC counts {len(decoder)} frames, the probe {info.frame_count}")
@@ -76,7 +76,7 @@ def nvdec_frames(
     Raises VideoUnreadable for data NVDEC cannot decode."""
     last = info.frame_count - 1
     runs = gop_runs([min(i, last) for i in indices], info, SESSIONS)
-    sessions = [first or open_nvdec(path, info, device)] + [None] * (len(runs) - 1)
+    sessions = [first if first is not None else open_nvdec(path, info, device)] + [None] * (len(runs) - 1)
 
     def decode(k: int) -> list[torch.Tensor]:
         with torch.cuda.device(device):
@@ -95,8 +95,11 @@ def nvdec_frames(
 
 
 def gop_runs(indices: Sequence[int], info: VideoInfo, most: int) -> list[list[int]]:
-    """`indices` cut at keyframes into at most `most` runs of consecutive GOPs, about equal in frames to decode
-    (each run decodes from its GOP's keyframe to its last index)."""
+    """`indices` cut at keyframes into at most `most` runs of consecutive GOPs, about equal in the span of frames
+    their wanted indices cover (a run decodes forward from its first GOP's keyframe to its last index, unwanted
+    GOPs between included: NVDEC's runs do not skip them yet, unlike the CPU reader)."""
+    if not indices:
+        return []
     gops: list[list[int]] = []
     for i in indices:
         if gops and info.keyframe_before(i) == info.keyframe_before(gops[-1][-1]):
