@@ -79,3 +79,13 @@ def test_frames_nvdec_did_not_give_come_from_the_cpu_decoder(example_video, capf
     got = list(_finished_on_cpu(failing_after_one_batch(), example_video, plan, plan.indices, 4, pin=False))
     assert torch.equal(torch.cat(got), torch.cat(cpu))
     assert "NVDEC could not decode frames 4-7" in capfd.readouterr().err
+
+
+def test_an_unknown_video_decoder_is_refused_where_the_options_are_made():
+    from apbv.engine.protocol import WorkerOptions
+    from apbv.engine.video_pipeline import VideoReading
+
+    for make in (lambda: WorkerOptions(video_decoder="gpu"), lambda: VideoReading(decoder="gpu")):
+        with pytest.raises(ValueError, match="video decoder must be one of cpu, nvdec, not 'gpu'"):
+            make()
+    assert WorkerOptions(video_decoder="nvdec").as_args()[-1] == "--video-decoder=nvdec"

@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from apbv.engine.api import Event, Request
 
 VIDEO_DECODERS = ("cpu", "nvdec")
+
+
+def check_video_decoder(name: str) -> None:
+    """Raise ValueError unless `name` is one of VIDEO_DECODERS."""
+    if name not in VIDEO_DECODERS:
+        raise ValueError(f"video decoder must be one of {', '.join(VIDEO_DECODERS)}, not {name!r}")
+
+
 EXIT_OUT_OF_MEMORY = 75  # a rank that ran out of device memory exits with this code; the pool reports OutOfMemory
 
 
@@ -32,8 +40,7 @@ class WorkerOptions:
     video_decoder: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.video_decoder not in VIDEO_DECODERS:
-            raise ValueError(f"video_decoder must be one of {', '.join(VIDEO_DECODERS)}, not {self.video_decoder!r}")
+        check_video_decoder(self.video_decoder)
 
     def as_args(self) -> list[str]:
         """The worker's command-line flags for these options."""

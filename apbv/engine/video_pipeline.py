@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from apbv.comm import Comm
-from apbv.engine.protocol import VIDEO_DECODERS
+from apbv.engine.protocol import check_video_decoder
 from apbv.errors import ERROR_CODES, InputError, VideoUnreadable, error_from_code
 from apbv.inputs import ProcessorSpec, patchify, shard_frames
 from apbv.metrics import PREPROCESS, READ, MetricsRecorder
@@ -61,8 +61,7 @@ class VideoReading:
     decoder: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.decoder not in VIDEO_DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(VIDEO_DECODERS)}, not {self.decoder!r}")
+        check_video_decoder(self.decoder)
 
 
 def decoded_chunks(

@@ -76,11 +76,11 @@ def nvdec_frames(
     Raises VideoUnreadable for data NVDEC cannot decode."""
     last = info.frame_count - 1
     runs = gop_runs([min(i, last) for i in indices], info, SESSIONS)
-    sessions = [first if first is not None else open_nvdec(path, info, device)] + [None] * (len(runs) - 1)
 
     def decode(k: int) -> list[torch.Tensor]:
         with torch.cuda.device(device):
-            return _decode_forward(sessions[k] or open_nvdec(path, info, device), runs[k])
+            session = first if k == 0 and first is not None else open_nvdec(path, info, device)
+            return _decode_forward(session, runs[k])
 
     with ThreadPoolExecutor(len(runs), thread_name_prefix="apbv-nvdec") as pool:
         pending = [pool.submit(decode, k) for k in range(len(runs))]
