@@ -55,3 +55,33 @@ def test_one_rank_whole_token_equals_two_rank_pieces():
         assert tokens == alone[0]
         torch.testing.assert_close(hiddens, alone[1], rtol=1e-5, atol=1e-5)
     assert len(set(alone[0])) > 1  # the tokens depend on the cache: not one repeated argmax
+
+
+@torch.inference_mode()
+def test_a_dropped_cache_frees_its_buffers_though_its_token_was_decoded_last():
+    """The decode step keeps no reference to the last cache it decoded over (a conversation evicted from the
+    context cache must free its K/V), and decodes the next cache as before."""
+    import gc
+    import weakref
+
+    model = _model()
+    text = model.model.language_model
+    heads, dim = text.config.num_key_value_heads, text.config.hidden_size // text.config.num_attention_heads
+    step = DecodeStep(text, use_graphs=False)
+
+    def cache_of(rows: int) -> ShardedKVCache:
+        cache = ShardedKVCache(len(text.layers), reserve=2)
+        for layer in range(len(text.layers)):
+            kv = torch.randn(heads, rows, dim)
+            cache.store(layer, kv, kv)
+        return cache
+
+    first = cache_of(10)
+    step(3, 10, Comm.single("cpu"), NullRecorder(), first, is_tail=True)
+    freed = weakref.ref(first.buffers()[0][0])
+    del first
+    gc.collect()
+    assert freed() is None
+    second = cache_of(12)
+    step(3, 12, Comm.single("cpu"), NullRecorder(), second, is_tail=True)
+    assert second.length == 13
