@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never touch the network
-if os.sched_getscheduler(0) != os.SCHED_OTHER:  # every process the tests start inherits the runner's policy
-    # Found here twice: the runner at SCHED_FIFO 99 (set from outside; not by this project's code). Real-time
-    # ranks then take both cores until they block, so nothing reacts in time (cancels, timeouts) or at all.
-    print(f"conftest: the test runner was at scheduling policy {os.sched_getscheduler(0)}; back to SCHED_OTHER")
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+os.environ["APBV_TEST_RUN"] = str(os.getpid())  # tests/realtime_guard.py's mark of this run's processes
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
 
@@ -25,6 +23,34 @@ from apbv.synthetic import write_mp4  # noqa: E402
 from ui.examples import load_examples  # noqa: E402
 
 RECORDED = Path(__file__).parent / "data" / "recorded_results.json"
+GUARD_LOG = Path(__file__).parents[1] / "test-artifacts" / "realtime_guard.log"
+
+
+def pytest_configure(config) -> None:
+    """Start tests/realtime_guard.py (before any test starts a process, which would inherit a real-time policy),
+    writing to the run's real output; it exits with the runner."""
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:  # the guard would demote it within a second; this is at once
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    GUARD_LOG.parent.mkdir(exist_ok=True)
+    GUARD_LOG.unlink(missing_ok=True)
+    output = os.dup(1)  # the terminal's: pytest captures fd 1 later
+    guard = [sys.executable, str(Path(__file__).with_name("realtime_guard.py")), str(os.getpid()), str(GUARD_LOG)]
+    config.realtime_guard = subprocess.Popen([*guard, str(output)], pass_fds=(output,))
+    os.close(output)
+
+
+def pytest_unconfigure(config) -> None:
+    guard = getattr(config, "realtime_guard", None)
+    if guard is not None:
+        guard.terminate()
+        guard.wait()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if GUARD_LOG.exists():
+        terminalreporter.section("threads found at a real-time policy and put back to SCHED_OTHER")
+        terminalreporter.write(GUARD_LOG.read_text())
+
 
 SOURCE_FRAMES = 40
 SOURCE_FPS = 8.0

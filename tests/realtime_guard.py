@@ -1,0 +1,112 @@
+"""Keeps a test run off real-time scheduling: a process of its own, started by tests/conftest.py.
+
+On these 2-core machines something outside this project has put test processes at SCHED_FIFO 99 (seen: the test
+runner twice, root Chromium's zygotes once). Real-time tasks that spin starve every task of their priority and
+below, the tests' own timeouts included, and a run then hangs until CI kills it. The guard wakes every POLL_S,
+puts every thread of the run (the runner and every process whose environment carries RUN_MARKER=<runner pid>,
+orphans included) that it finds at a real-time policy back to SCHED_OTHER and logs each one, with its process's
+command line and parents, to the log file and to the run's output. Nothing else on the machine is touched.
+It runs at the best nice level it may take (real-time throttling leaves normal tasks a share of every second, so
+it runs even while real-time tasks spin) and exits soon after the runner does.
+
+    python tests/realtime_guard.py RUNNER_PID LOG_PATH OUTPUT_FD
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 1.0
+RUN_MARKER = "APBV_TEST_RUN"  # conftest sets it to the runner's pid; every process of the run inherits it
+REALTIME = {os.SCHED_FIFO, os.SCHED_RR}
+
+
+def _stat(path: Path) -> list[str] | None:
+    """The fields after the command name of a /proc stat file (field 3 of proc(5) first), or None if gone."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _describe(pid: int, runner: int) -> str:
+    """The process's command line and those of its parents up to the runner, for the log."""
+    chain = []
+    while pid > 0:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = _stat(Path(f"/proc/{pid}/stat"))
+        except OSError:
+            break
+        chain.append(f"{pid} {cmdline.strip()[:160]}")
+        if pid == runner or not fields:
+            break
+        pid = int(fields[1])
+    return " <- ".join(chain)
+
+
+def _in_run(proc: Path, runner: int) -> bool:
+    """Whether the process is the runner or one that it (or a process it started) started."""
+    if int(proc.name) == runner:
+        return True
+    try:
+        return f"{RUN_MARKER}={runner}".encode() in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def realtime_threads(runner: int) -> list[tuple[int, int, int]]:
+    """(pid, tid, policy) of every thread of the run at SCHED_FIFO or SCHED_RR, the guard's own excepted."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid() or not _in_run(proc, runner):
+            continue
+        try:
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            task_fields = _stat(task / "stat")
+            if task_fields is not None and int(task_fields[38]) in REALTIME:
+                found.append((int(proc.name), int(task.name), int(task_fields[38])))
+    return found
+
+
+def demote(found: list[tuple[int, int, int]], runner: int, log) -> None:
+    """SCHED_OTHER for each thread found; one log line per process."""
+    described: set[int] = set()
+    for pid, tid, policy in found:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as e:
+            log(f"realtime_guard: could not demote thread {tid} of {pid} (policy {policy}): {e}")
+            continue
+        if pid not in described:
+            described.add(pid)
+            log(f"realtime_guard: thread {tid} of {_describe(pid, runner)} was at policy {policy}; now SCHED_OTHER")
+
+
+def main(runner: int, log_path: str, output_fd: int) -> None:
+    try:
+        os.nice(-20)
+    except OSError:
+        pass
+    output = os.fdopen(output_fd, "w", buffering=1)
+
+    def log(line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        with open(log_path, "a") as f:
+            print(stamped, file=f)
+        print(f"\n{stamped}", file=output)
+
+    while os.getppid() == runner:
+        demote(realtime_threads(runner), runner, log)
+        time.sleep(POLL_S)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,35 @@
+"""tests/realtime_guard.py, started by conftest with this run, puts the run's real-time threads back to SCHED_OTHER."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from .realtime_guard import POLL_S
+
+
+def _can_go_realtime() -> bool:
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return True
+
+
+@pytest.mark.skipif(not _can_go_realtime(), reason="needs the right to set a real-time policy (CAP_SYS_NICE)")
+def test_a_process_of_the_run_set_to_real_time_is_put_back():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        os.sched_setscheduler(child.pid, os.SCHED_FIFO, os.sched_param(1))
+        assert os.sched_getscheduler(child.pid) == os.SCHED_FIFO
+        deadline = time.monotonic() + 5 * POLL_S
+        while os.sched_getscheduler(child.pid) != os.SCHED_OTHER:
+            assert time.monotonic() < deadline, "the guard left a real-time process of the run alone"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
