@@ -20,6 +20,8 @@ from torch import Tensor
 from apbv.metrics import COMM_WAIT, MetricsRecorder, NullRecorder
 
 _NULL = NullRecorder()
+# torch >= 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 LOOPBACK_INTERFACE = "lo"  # Linux's loopback interface
 
 
@@ -192,13 +194,14 @@ class Comm:
     # ---- primitives (overridden by other transports) ------------------------------------------------------
 
     def _all_gather(self, tensor: Tensor) -> Callable[[], list[Tensor]]:
-        """Start an equal-size all-gather; the returned callable waits and returns the list."""
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        work = dist.all_gather(out, tensor, group=self.group, async_op=True)
+        """Start an equal-size all-gather; the returned callable waits and returns the list (views of one buffer:
+        a gather into a list would copy each rank's part out of it, a kernel per rank on NCCL)."""
+        out = tensor.new_empty(self.world_size * tensor.shape[0], *tensor.shape[1:])  # concatenated: gloo and NCCL
+        work = _all_gather_single(out, tensor, group=self.group, async_op=True)
 
         def finish() -> list[Tensor]:
             work.wait()
-            return out
+            return list(out.view(self.world_size, *tensor.shape).unbind(0))
 
         return finish
 

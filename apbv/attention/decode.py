@@ -1,8 +1,9 @@
 """Exact attention of replicated query rows over K/V sharded across ranks (query rows of the fused prefill, and
-every decode step over the sharded KV cache): attend locally, all-gather (out, lse), fold in rank order."""
+every decode step over the sharded KV cache): attend locally, all-gather (out, lse) as one tensor, merge."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from apbv.comm import Comm, Handle
@@ -15,30 +16,32 @@ from .kernels import merge_partials
 class PendingAttention:
     """A distributed attention whose partials are in flight; `wait()` returns the merged output."""
 
-    def __init__(self, out: Tensor, handles: tuple[Handle, Handle] | None) -> None:
+    def __init__(self, out: Tensor, gather: Handle | None) -> None:
         self._out = out
-        self._handles = handles
+        self._gather = gather
 
     def wait(self) -> Tensor:
-        if self._handles is None:
+        if self._gather is None:
             return self._out
-        outs, lses = (h.wait() for h in self._handles)
-        merged, _ = merge_partials(list(zip(outs, lses)))
+        parts = self._gather.wait()
+        merged, _ = merge_partials([(p[..., :-1], p[..., -1]) for p in parts])
         return merged.to(self._out.dtype)
 
 
 def start_distributed_attention(
     q: Tensor, k_local: Tensor, v_local: Tensor, comm: Comm, metrics: MetricsRecorder, causal: bool = False
 ) -> PendingAttention:
-    """Attend q (replicated on all ranks) over this rank's keys and launch the gathers of the partial.
+    """Attend q (replicated on all ranks) over this rank's keys and launch the gather of the partial.
 
     `causal` (bottom-right) is for the rank whose keys end with the query's own keys (the query segment);
-    every other rank passes False. The merged result is bitwise identical on all ranks.
+    every other rank passes False. The merged result is bitwise identical on all ranks. The partial travels as one
+    tensor, out (exactly, in lse's float32/float64) with lse as its last column: one collective per call.
     """
     out, lse = attend_counted(q, k_local, v_local, causal, metrics)
     if comm.world_size == 1:
         return PendingAttention(out, None)
-    return PendingAttention(out, (comm.all_gather_async(out, metrics=metrics), comm.all_gather_async(lse, metrics=metrics)))
+    packed = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)  # (Hq, Sq, D + 1)
+    return PendingAttention(out, comm.all_gather_async(packed, metrics=metrics))
 
 
 def distributed_attention(

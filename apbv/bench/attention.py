@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from apbv.attention import get_strategy
 from apbv.attention.config import AttentionConfig
@@ -43,6 +44,7 @@ class Row:
     pair_balance: float  # max/mean of attn_pairs over ranks
     time_balance: float  # max/mean of rank time
     bytes_per_layer: float  # bytes sent, summed over ranks
+    ops_per_rank: int  # PyTorch operators the busiest rank dispatches, views excepted (~ kernel launches on a GPU)
     timing: str
 
 
@@ -68,6 +70,7 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         for _ in range(args.repeats):
             counters = world.run(layer)
             times.append(list(world.busy))
+        ops = max(world.run(lambda rank, comm: _count_ops(layer, rank, comm)))
         if args.profile:
             _profile(world, layer, f"{args.profile}-{name}-w{world_size}.txt")
     per_rank = [statistics.median(t[r] for t in times) for r in range(world_size)]
@@ -82,8 +85,28 @@ def bench_strategy(name: str, q, k, v, n_context: int, n_query: int, world_size:
         pair_balance=balance(pairs),
         time_balance=balance(per_rank),
         bytes_per_layer=sum(c.get("bytes_sent", 0.0) for c in counters),
+        ops_per_rank=ops,
         timing=world.timing,
     )
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched under it, views excepted (each costs the host a launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(layer, rank: int, comm) -> int:
+    """One more (untimed) run of `layer` on this rank, counting its operators."""
+    with _OpCounter() as counter:
+        layer(rank, comm)
+    return counter.count
 
 
 def _profile(world, layer, path: str) -> None:
@@ -151,13 +174,13 @@ def _print_table(rows: list[Row], args, device_name: str) -> None:
         f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} on {device_name}"
     )
     print(f"{'strategy':9} {'W':>2} {'slowest ms':>11} {'mean ms':>9} {'speedup':>8} {'pairs/rank':>11} "
-          f"{'pair bal':>8} {'time bal':>8} {'MB/layer':>9}  timing")
+          f"{'pair bal':>8} {'time bal':>8} {'MB/layer':>9} {'ops/rank':>8}  timing")
     for r in rows:
         speedup = f"{r.speedup_vs_dense:.2f}x" if r.speedup_vs_dense else "-"
         print(
             f"{r.strategy:9} {r.world_size:>2} {r.slowest_rank_s * 1e3:>11.2f} {r.mean_rank_s * 1e3:>9.2f} "
             f"{speedup:>8} {statistics.mean(r.attn_pairs_per_rank):>11.3g} {r.pair_balance:>8.3f} "
-            f"{r.time_balance:>8.3f} {r.bytes_per_layer / 1e6:>9.3f}  {r.timing}"
+            f"{r.time_balance:>8.3f} {r.bytes_per_layer / 1e6:>9.3f} {r.ops_per_rank:>8}  {r.timing}"
         )
 
 
