@@ -63,6 +63,58 @@ def test_gop_runs_cut_at_keyframes_into_balanced_runs():
     assert gop_runs([3, 3, 7], VideoInfo(10, 24.0, 8, 8, "h264"), 4) == [[3, 3, 7]]  # no packet index: one run
 
 
+def test_seek_segments_cut_only_where_a_seek_skips_enough_unwanted_frames():
+    from apbv.video.decode import RESEEK_MIN_FRAMES, seek_segments
+    from apbv.video.probe import VideoInfo
+
+    info = VideoInfo(400, 24.0, 360, 640, "h264", tuple(range(400)), tuple(range(0, 400, 40)))  # GOPs of 40
+    for step in (1, 5, 17, 40, 57, 130):
+        indices = list(range(3, 400, step))
+        segments = seek_segments(indices, info)
+        assert [i for seg in segments for i in seg] == indices
+        for before, after in zip(segments, segments[1:]):  # a cut: the next segment's keyframe is far enough on
+            keyframe = info.keyframe_before(after[0])
+            assert keyframe > before[-1] and keyframe - before[-1] - 1 >= RESEEK_MIN_FRAMES
+        for seg in segments:  # no cut inside a segment would have been worth it
+            for a, b in zip(seg, seg[1:]):
+                assert info.keyframe_before(b) - a - 1 < RESEEK_MIN_FRAMES
+    assert seek_segments([0, 399], VideoInfo(400, 24.0, 8, 8, "h264")) == [[0, 399]]  # no packet index
+
+
+class _IndexedDecoder:
+    """PyNvVideoCodec's SimpleDecoder as `_decode_forward` uses it (seek_to_index, then get_batch_frames forward),
+    over frames in memory; counts the frames it decodes, from the keyframe before each seek on."""
+
+    def __init__(self, frames, info):
+        self.frames, self.info, self.position, self.decoded = frames, info, 0, 0
+
+    def seek_to_index(self, index):
+        keyframe = self.info.keyframe_before(index)
+        self.decoded += index - self.info.frame_pts.index(keyframe)  # decoded up to the index, not returned
+        self.position = index
+
+    def get_batch_frames(self, n):
+        batch = self.frames[self.position : self.position + n]
+        self.position += len(batch)
+        self.decoded += len(batch)
+        return list(batch)
+
+
+def test_nvdec_runs_give_the_wanted_frames_and_skip_unwanted_gops():
+    from apbv.video import nvdec
+    from apbv.video.probe import VideoInfo
+
+    info = VideoInfo(400, 24.0, 2, 2, "h264", tuple(range(400)), tuple(range(0, 400, 40)))
+    frames = [torch.full((2, 2, 3), i % 251, dtype=torch.uint8) for i in range(400)]
+    indices = [5, 5, 50, 130, 131, 260, 399]
+    decoder = _IndexedDecoder(frames, info)
+    got = nvdec._decode_forward(decoder, indices, info)
+    assert [int(f[0, 0, 0]) for f in got] == [i % 251 for i in indices]
+    assert decoder.decoded < 400 - 5  # forward decoding from frame 5 to the end would decode 395
+    short = nvdec._decode_forward(_IndexedDecoder(frames[:140], info), [10, 135, 139, 300, 350], info)
+    assert [int(f[0, 0, 0]) for f in short] == [10, 135, 139, 139, 139]  # past the end: the last frame stands in
+
+
 def test_frames_nvdec_did_not_give_come_from_the_cpu_decoder(example_video, capfd):
     """NVDEC failing part way (a profile it lacks, no free session): the CPU decoder gives the rest, so the rank
     still gets every frame once, in order."""

@@ -1,6 +1,6 @@
 """Decode only the frames a rank needs: seek to the keyframe before the first, decode forward with FFmpeg's frame
-threads, seek again past the rest of a GOP when the next wanted frame lies in a later one, convert just the wanted
-frames to RGB.
+threads, seek again past the rest of a GOP when the next wanted frame lies in a later one (`seek_segments`),
+convert just the wanted frames to RGB.
 
 Frames are matched by presentation timestamp against the probe's packet index (`VideoInfo.frame_pts`), so seeking
 never shifts an index; streams without timestamps are decoded from the start and counted.
@@ -24,6 +24,27 @@ from .probe import VideoInfo, reason
 RESEEK_MIN_FRAMES = 16
 
 
+def seek_segments(indices: Sequence[int], info: VideoInfo) -> list[list[int]]:
+    """`indices` (ascending) cut where decoding forward from one wanted frame to the next would pass
+    RESEEK_MIN_FRAMES or more unwanted frames before the next one's keyframe: each segment is decoded from the
+    keyframe before its first index, with one seek (both decoders read this way). Streams without a packet index
+    make one segment."""
+    segments: list[list[int]] = []
+    for index in indices:
+        if segments and not _worth_a_seek(segments[-1][-1], index, info):
+            segments[-1].append(index)
+        else:
+            segments.append([index])
+    return segments
+
+
+def _worth_a_seek(previous: int, index: int, info: VideoInfo) -> bool:
+    keyframe = info.keyframe_before(index)
+    if keyframe is None:
+        return False
+    return bisect.bisect_left(info.frame_pts, keyframe) - previous - 1 >= RESEEK_MIN_FRAMES
+
+
 def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], threads: int = 0) -> Iterator[np.ndarray]:
     """Frames `indices` (ascending, repeats allowed) of the video probed as `info`, as (H, W, 3) uint8 RGB, in
     order. threads: FFmpeg decoding threads (0: FFmpeg's choice). An index past the frames the stream really holds
@@ -34,44 +55,37 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
         raise ValueError("frame indices must be ascending")
     if not indices:
         return
-    wanted = iter(indices)
-    target = next(wanted)
-    last = None
+    last, given = None, 0
     name = Path(path).name
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
-            keyframe = info.keyframe_before(target)
-            while True:  # decode forward from `keyframe`; jump ahead where the next frame wanted is a later GOP's
+            for segment in seek_segments(indices, info):
+                keyframe = info.keyframe_before(segment[0])
                 if keyframe is not None:
                     container.seek(keyframe, stream=stream, backward=True, any_frame=False)
-                keyframe = None
+                wanted = iter(segment)
+                target = next(wanted)
                 for position, frame in _numbered(container.decode(stream), info):
                     if position < target:
                         continue
                     last = frame.to_ndarray(format="rgb24")
                     while target is not None and target <= position:
                         yield last
+                        given += 1
                         target = next(wanted, None)
                     if target is None:
-                        return
-                    ahead = info.keyframe_before(target)
-                    if ahead is not None and frame.pts is not None and ahead > frame.pts:
-                        skipped = bisect.bisect_left(info.frame_pts, ahead) - position - 1
-                        if skipped >= RESEEK_MIN_FRAMES:  # the rest of this GOP is not wanted: jump over it
-                            keyframe = ahead
-                            break
-                if keyframe is None:  # the stream ended
+                        break
+                if target is not None:  # the stream ended
                     break
     except av.FFmpegError as e:
         raise VideoUnreadable(f"{name} is corrupt or truncated ({reason(e)})") from e
     if last is None:
         raise NoFrames(f"{name} has no decodable frames")
-    while target is not None:
+    for _ in range(len(indices) - given):
         yield last
-        target = next(wanted, None)
 
 
 def _numbered(frames: Iterator[av.VideoFrame], info: VideoInfo) -> Iterator[tuple[int, av.VideoFrame]]:

@@ -3,7 +3,7 @@ pynvvideocodec`; it brings its own demuxer and uses the driver's libnvcuvid).
 
 Frames come out as RGB on the GPU, so nothing decoded crosses PCIe. A rank's frames are split at keyframes into
 up to `SESSIONS` runs, each decoded forward by its own decoder session in a thread (a GPU has several NVDEC
-engines); PyNvVideoCodec's random access by index seeks again for every frame, which on a 10 s GOP decoded 64
+engines), seeking again past unwanted GOPs where the CPU reader would (`decode.seek_segments`); PyNvVideoCodec's random access by index seeks again for every frame, which on a 10 s GOP decoded 64
 sampled frames 2.5x slower than FFmpeg on 16 cores (measured 2026-12-03), so it is not used.
 
 NVDEC converts YUV to RGB with its own kernels, so pixels can differ from FFmpeg's conversion (the CPU path, which
@@ -24,6 +24,7 @@ import torch
 
 from apbv.errors import VideoUnreadable
 
+from .decode import seek_segments
 from .probe import VideoInfo
 
 CODECS = frozenset({"h264", "hevc", "av1", "vp9", "vp8", "mpeg2video", "mpeg4", "vc1", "mjpeg"})
@@ -80,7 +81,7 @@ def nvdec_frames(
     def decode(k: int) -> list[torch.Tensor]:
         with torch.cuda.device(device):
             session = first if k == 0 and first is not None else open_nvdec(path, info, device)
-            return _decode_forward(session, runs[k])
+            return _decode_forward(session, runs[k], info)
 
     with ThreadPoolExecutor(len(runs), thread_name_prefix="apbv-nvdec") as pool:
         pending = [pool.submit(decode, k) for k in range(len(runs))]
@@ -96,8 +97,7 @@ def nvdec_frames(
 
 def gop_runs(indices: Sequence[int], info: VideoInfo, most: int) -> list[list[int]]:
     """`indices` cut at keyframes into at most `most` runs of consecutive GOPs, about equal in the span of frames
-    their wanted indices cover (a run decodes forward from its first GOP's keyframe to its last index, unwanted
-    GOPs between included: NVDEC's runs do not skip them yet, unlike the CPU reader)."""
+    their wanted indices cover (a run decodes its `seek_segments` forward, each from its keyframe)."""
     if not indices:
         return []
     gops: list[list[int]] = []
@@ -117,21 +117,22 @@ def gop_runs(indices: Sequence[int], info: VideoInfo, most: int) -> list[list[in
     return runs
 
 
-def _decode_forward(decoder, wanted: list[int]) -> list[torch.Tensor]:
-    """Frames `wanted` (ascending, within one run) by seeking once to the first and decoding forward."""
+def _decode_forward(decoder, wanted: list[int], info: VideoInfo) -> list[torch.Tensor]:
+    """Frames `wanted` (ascending, within one run): a seek to each of its `seek_segments` and forward decoding."""
+    frames: list[torch.Tensor] = []
     try:
-        decoder.seek_to_index(wanted[0])
-        frames, position, todo = [], wanted[0], list(wanted)
-        while todo:
-            batch = decoder.get_batch_frames(min(_BATCH, todo[-1] - position + 1))
-            if not batch:  # the stream ends early: its last frame stands in (as on the CPU path)
-                frames += [frames[-1]] * len(todo)
-                break
-            for frame in batch:
-                while todo and todo[0] == position:
-                    frames.append(_as_hwc(torch.from_dlpack(frame)).clone())
-                    todo.pop(0)
-                position += 1
+        for segment in seek_segments(wanted, info):
+            decoder.seek_to_index(segment[0])
+            position, todo = segment[0], list(segment)
+            while todo:
+                batch = decoder.get_batch_frames(min(_BATCH, todo[-1] - position + 1))
+                if not batch:  # the stream ends early: its last frame stands in (as on the CPU path)
+                    return frames + [frames[-1]] * (len(wanted) - len(frames))
+                for frame in batch:
+                    while todo and todo[0] == position:
+                        frames.append(_as_hwc(torch.from_dlpack(frame)).clone())
+                        todo.pop(0)
+                    position += 1
     except Exception as e:  # noqa: BLE001 - its bindings raise plain Exceptions
         raise VideoUnreadable(f"NVDEC could not decode frames {wanted[0]}-{wanted[-1]}: {e}") from e
     return frames
