@@ -74,10 +74,14 @@ def generate(
     sampler = Sampler(sampling, prompt.input_ids) if is_tail else None
 
     def next_token(hidden: torch.Tensor | None, recorder: MetricsRecorder) -> int:
-        """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max)."""
+        """The tail rank's sample and rank 0's stop flag, shared with every rank in one all-reduce (max); one rank
+        alone keeps them on the host."""
         chosen = sampler(rank_model.logits(hidden)) if is_tail else -1
         stop = int(comm.rank == 0 and should_stop())
-        token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), recorder).tolist()
+        if comm.world_size > 1:
+            token, stop = comm.all_reduce_max(torch.tensor([chosen, stop], device=comm.device), recorder).tolist()
+        else:
+            token = chosen
         if stop:
             raise StoppedTurn(context)
         return int(token)

@@ -72,13 +72,16 @@ def _given(request_value: float | None, config_value: float | None, neutral: flo
 
 class Sampler:
     """Picks tokens for one request: transformers' logits processors over the ids so far, then greedy or a draw from
-    a generator seeded with `params.seed` (the same tokens on every device)."""
+    a generator seeded with `params.seed` (the same tokens on every device). The ids live in one buffer on the
+    logits' device, sized for the prompt and `params.max_new_tokens` (nothing is copied per token)."""
 
     def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor) -> None:
         self.params = params
-        self.ids = prompt_ids.detach().to("cpu", torch.long).reshape(1, -1)
+        self.prompt_length = prompt_ids.numel()
+        self.length = self.prompt_length
+        self._prompt_ids = prompt_ids.detach().to(torch.long).reshape(-1)
+        self._ids: torch.Tensor | None = None  # (1, prompt + max_new_tokens + 1), made on the first call's device
         processors = LogitsProcessorList()
-        self.prompt_length = self.ids.shape[1]
         if params.answers:
             processors.append(PrefixConstrainedLogitsProcessor(self._allowed_next, num_beams=1))
         if params.repetition_penalty != 1.0:
@@ -93,6 +96,13 @@ class Sampler:
         self.processors = processors
         self.generator = torch.Generator().manual_seed(params.seed) if params.do_sample else None
 
+    @property
+    def ids(self) -> torch.Tensor:
+        """(1, L): the prompt's ids and the tokens picked so far."""
+        if self._ids is None:
+            return self._prompt_ids[None]
+        return self._ids[:, : self.length]
+
     def _allowed_next(self, batch: int, ids: torch.Tensor) -> list[int]:
         """Tokens that continue one of the allowed answers after what was generated so far."""
         done = tuple(ids[self.prompt_length :].tolist())
@@ -100,10 +110,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token for `logits` (V,); it joins the ids the repetition penalty sees."""
-        scores = self.processors(self.ids.to(logits.device), logits.float()[None])[0]
+        if self._ids is None or self.length == self._ids.shape[1]:
+            self._grow(logits.device)
+        scores = logits.float()[None]
+        if self.processors:
+            scores = self.processors(self.ids, scores)
         if self.params.do_sample:
-            token = int(torch.multinomial(torch.softmax(scores, -1).cpu(), 1, generator=self.generator))
+            token = int(torch.multinomial(torch.softmax(scores[0], -1).cpu(), 1, generator=self.generator))
         else:
             token = int(torch.argmax(scores))
-        self.ids = torch.cat([self.ids, torch.tensor([[token]])], dim=1)
+        self._ids[0, self.length] = token
+        self.length += 1
         return token
+
+    def _grow(self, device: torch.device) -> None:
+        """A buffer for max_new_tokens more ids (the first call; again only if called past them)."""
+        ids = torch.empty(1, self.length + max(self.params.max_new_tokens, 0) + 1, dtype=torch.long, device=device)
+        ids[:, : self.length] = self.ids.to(device)
+        self._ids = ids
