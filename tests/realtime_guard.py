@@ -3,8 +3,8 @@
 On these 2-core machines something outside this project has put test processes at SCHED_FIFO 99 (seen: the test
 runner twice, root Chromium's zygotes once). Real-time tasks that spin starve every task of their priority and
 below, the tests' own timeouts included, and a run then hangs until CI kills it. The guard wakes every POLL_S,
-puts every thread of the run (the runner and every process whose environment carries RUN_MARKER=<runner pid>,
-orphans included) that it finds at a real-time policy back to SCHED_OTHER and logs each one, with its process's
+puts every thread of the run (the runner, its descendants, and every process whose environment carries
+RUN_MARKER=<runner pid>, orphans included) that it finds at a real-time policy back to SCHED_OTHER and logs each one, with its process's
 command line and parents, to the log file and to the run's output. Nothing else on the machine is touched.
 It runs at the best nice level it may take (real-time throttling leaves normal tasks a share of every second, so
 it runs even while real-time tasks spin) and exits soon after the runner does.
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 POLL_S = 1.0
-RUN_MARKER = "APBV_TEST_RUN"  # conftest sets it to the runner's pid; every process of the run inherits it
-REALTIME = {os.SCHED_FIFO, os.SCHED_RR}
+RUN_MARKER = "APBV_TEST_RUN"  # conftest sets it to the runner's pid; processes exec'd in the run inherit it
+SCHED_DEADLINE = 6  # linux/sched.h (the os module does not name it)
+REALTIME = {os.SCHED_FIFO, os.SCHED_RR, SCHED_DEADLINE}
 
 
 def _stat(path: Path) -> list[str] | None:
@@ -49,30 +50,47 @@ def _describe(pid: int, runner: int) -> str:
     return " <- ".join(chain)
 
 
-def _in_run(proc: Path, runner: int) -> bool:
-    """Whether the process is the runner or one that it (or a process it started) started."""
-    if int(proc.name) == runner:
-        return True
+def _marked(proc: Path, runner: int) -> bool:
+    """Whether the process was started (by exec) from within the run: it carries RUN_MARKER=<runner pid>."""
     try:
         return f"{RUN_MARKER}={runner}".encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
 
 
-def realtime_threads(runner: int) -> list[tuple[int, int, int]]:
-    """(pid, tid, policy) of every thread of the run at SCHED_FIFO or SCHED_RR, the guard's own excepted."""
-    found = []
+def run_processes(runner: int) -> list[int]:
+    """The runner, its descendants (forked children included: /proc shows them no marker, which is set after
+    the runner's start) and every process carrying the marker (orphans included), the guard excepted."""
+    parents: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid() or not _in_run(proc, runner):
-            continue
+        fields = _stat(proc / "stat") if proc.name.isdigit() else None
+        if fields is not None:
+            parents[int(proc.name)] = int(fields[1])
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), [runner]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    found |= {pid for pid in parents if pid not in found and _marked(Path(f"/proc/{pid}"), runner)}
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def realtime_threads(runner: int) -> list[tuple[int, int, int]]:
+    """(pid, tid, policy) of every thread of the run at a real-time policy."""
+    found = []
+    for pid in run_processes(runner):
         try:
-            tasks = list((proc / "task").iterdir())
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             continue
         for task in tasks:
             task_fields = _stat(task / "stat")
             if task_fields is not None and int(task_fields[38]) in REALTIME:
-                found.append((int(proc.name), int(task.name), int(task_fields[38])))
+                found.append((pid, int(task.name), int(task_fields[38])))
     return found
 
 
@@ -101,7 +119,10 @@ def main(runner: int, log_path: str, output_fd: int) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
         with open(log_path, "a") as f:
             print(stamped, file=f)
-        print(f"\n{stamped}", file=output)
+        try:
+            print(f"\n{stamped}", file=output)
+        except OSError:  # the run's output is gone (a closed pipe): the log file still has it, guarding goes on
+            pass
 
     while os.getppid() == runner:
         demote(realtime_threads(runner), runner, log)
