@@ -99,7 +99,9 @@ def _decode(rank: int, world: int, comm: Comm) -> dict:
     full = distributed_attention(q, k[:, mine], v[:, mine], comm, metrics)
     # the last rank's keys end with the query's own keys: causal over that segment only
     causal = distributed_attention(q, k[:, mine], v[:, mine], comm, metrics, causal=rank == world - 1)
-    return {"q": q, "k": k, "v": v, "full": full, "causal": causal}
+    # bf16: the partials travel with their float32 lse's bytes as two extra bf16 columns
+    half = distributed_attention(*(t.bfloat16() for t in (q, k[:, mine], v[:, mine])), comm, metrics)
+    return {"q": q, "k": k, "v": v, "full": full, "causal": causal, "bf16": half}
 
 
 def _battery(rank: int, world: int) -> dict:
@@ -222,6 +224,12 @@ def test_distributed_attention_equals_attention_over_the_union(ranks):
         assert torch.equal(r["decode"]["full"], d["full"]) and torch.equal(r["decode"]["causal"], d["causal"])
     _close(d["full"], full, torch.float64)
     _close(d["causal"], causal, torch.float64)
+    assert d["bf16"].dtype == torch.bfloat16 and all(torch.equal(r["decode"]["bf16"], d["bf16"]) for r in results)
+    rounded = [t.bfloat16().double() for t in (d["q"], d["k"], d["v"])]
+    half = masked_attention(*rounded, torch.ones(1, 3, sk, dtype=torch.bool))[0]
+    # bf16 kernels accumulate in float32, the merge runs in float32 on exact bf16 partials, the output is rounded
+    # to bf16 (8 bits of mantissa: |out| < 4 here, so one rounding is at most 2^-7)
+    torch.testing.assert_close(d["bf16"].double(), half, atol=2**-7, rtol=0)
 
 
 def test_dense_strategy_and_single_rank_decode():

@@ -191,10 +191,13 @@ def test_variable_frame_rate_is_indexed_by_presentation_order(seekable):
     assert [frame_index(f) for f in frames] == [0, 13, 13, 39]
 
 
-def test_indices_past_the_stream_repeat_its_last_frame(seekable):
+def test_indices_past_the_stream_repeat_its_last_frame(seekable, monkeypatch):
     info = probe_video(seekable["cfr"])
     frames = list(decode_frames(seekable["cfr"], info, [38, 39, 45]))
     assert [frame_index(f) for f in frames] == [38, 39, 39]
+    monkeypatch.setattr(decode_module, "RESEEK_MIN_FRAMES", 1)  # the index past the end gets a seek of its own
+    frames = list(decode_frames(seekable["cfr"], info, [3, 45, 50]))
+    assert [frame_index(f) for f in frames] == [3, 39, 39]
     with pytest.raises(ValueError, match="ascending"):
         list(decode_frames(seekable["cfr"], info, [3, 1]))
 

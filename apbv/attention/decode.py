@@ -16,15 +16,17 @@ from .kernels import merge_partials
 class PendingAttention:
     """A distributed attention whose partials are in flight; `wait()` returns the merged output."""
 
-    def __init__(self, out: Tensor, gather: Handle | None) -> None:
+    def __init__(self, out: Tensor, lse_dtype: torch.dtype, gather: Handle | None) -> None:
         self._out = out
+        self._lse_dtype = lse_dtype
         self._gather = gather
 
     def wait(self) -> Tensor:
         if self._gather is None:
             return self._out
-        parts = self._gather.wait()
-        merged, _ = merge_partials([(p[..., :-1], p[..., -1]) for p in parts])
+        d = self._out.shape[-1]
+        parts = [(p[..., :d], p[..., d:].contiguous().view(self._lse_dtype)[..., 0]) for p in self._gather.wait()]
+        merged, _ = merge_partials(parts)
         return merged.to(self._out.dtype)
 
 
@@ -35,13 +37,14 @@ def start_distributed_attention(
 
     `causal` (bottom-right) is for the rank whose keys end with the query's own keys (the query segment);
     every other rank passes False. The merged result is bitwise identical on all ranks. The partial travels as one
-    tensor, out (exactly, in lse's float32/float64) with lse as its last column: one collective per call.
+    tensor, one collective per call: out, then lse's bytes as extra columns of out's dtype (two for a float32 lse
+    beside bf16/fp16 out, one beside float32/float64), nothing rounded.
     """
     out, lse = attend_counted(q, k_local, v_local, causal, metrics)
     if comm.world_size == 1:
-        return PendingAttention(out, None)
-    packed = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)  # (Hq, Sq, D + 1)
-    return PendingAttention(out, comm.all_gather_async(packed, metrics=metrics))
+        return PendingAttention(out, lse.dtype, None)
+    packed = torch.cat([out, lse.unsqueeze(-1).view(out.dtype)], dim=-1)  # (Hq, Sq, D + 1 or 2)
+    return PendingAttention(out, lse.dtype, comm.all_gather_async(packed, metrics=metrics))
 
 
 def distributed_attention(

@@ -111,8 +111,8 @@ _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Merge attention partials over disjoint key sets (max-shifted, never NaN), all at once: the same ~20 kernels
-    for any number of partials (a fold would launch ~15 per partial; the query rows of W ranks merge W of them).
+    """Merge attention partials over disjoint key sets (max-shifted, never NaN), all at once: the same 14 operators
+    for any number of partials (a fold dispatched ~15 per partial; the query rows of W ranks merge W of them).
 
     Returns (out, lse) in float32 (float64 if any part is float64). (0, -inf) is an exact identity.
     """

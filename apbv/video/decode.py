@@ -68,7 +68,9 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                     container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                 wanted = iter(segment)
                 target = next(wanted)
+                tail = None  # the latest frame decoded: where the stream ends, it stands in for the rest
                 for position, frame in _numbered(container.decode(stream), info):
+                    tail = frame
                     if position < target:
                         continue
                     last = frame.to_ndarray(format="rgb24")
@@ -79,6 +81,8 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                     if target is None:
                         break
                 if target is not None:  # the stream ended
+                    if tail is not None:
+                        last = tail.to_ndarray(format="rgb24")
                     break
     except av.FFmpegError as e:
         raise VideoUnreadable(f"{name} is corrupt or truncated ({reason(e)})") from e
