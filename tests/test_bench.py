@@ -13,7 +13,7 @@ import torch
 from apbv.attention import distributed_attention, get_strategy
 from apbv.attention.config import AttentionConfig
 from apbv.bench.attention import main
-from apbv.comm import Comm, free_port
+from apbv.comm import Comm
 from apbv.metrics import MetricsRecorder
 from apbv.thread_comm import PROJECTED, ThreadWorld
 
@@ -99,9 +99,10 @@ def test_benchmark_cli(tmp_path, capsys):
 def test_benchmark_under_torchrun_measures_real_processes(tmp_path):
     """Two gloo processes launched by torchrun: measured timings, the same work and traffic per rank as threads."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # its own port
            "-m", "apbv.bench.attention", *LAYER, "--json", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True)
+    done = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     measured = json.loads(out.read_text())["rows"]
     projected = main(LAYER)
     for m, p in zip(measured, projected, strict=True):
