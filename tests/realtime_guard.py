@@ -4,8 +4,9 @@ On these 2-core machines something outside this project has put test processes a
 runner twice, root Chromium's zygotes once). Real-time tasks that spin starve every task of their priority and
 below, the tests' own timeouts included, and a run then hangs until CI kills it. The guard wakes every POLL_S,
 puts every thread of the run (the runner, its descendants, and every process whose environment carries
-RUN_MARKER=<runner pid>, orphans included) that it finds at a real-time policy back to SCHED_OTHER and logs each one, with its process's
-command line and parents, to the log file and to the run's output. Nothing else on the machine is touched.
+RUN_MARKER=<runner pid>, orphans included) that it finds at a real-time policy back to SCHED_OTHER and logs each
+one, with its process's command line and parents, to the log file and to the run's output. Nothing else on the
+machine is touched.
 It runs at the best nice level it may take (real-time throttling leaves normal tasks a share of every second, so
 it runs even while real-time tasks spin) and exits soon after the runner does.
 

@@ -3,8 +3,9 @@ pynvvideocodec`; it brings its own demuxer and uses the driver's libnvcuvid).
 
 Frames come out as RGB on the GPU, so nothing decoded crosses PCIe. A rank's frames are split at keyframes into
 up to `SESSIONS` runs, each decoded forward by its own decoder session in a thread (a GPU has several NVDEC
-engines), seeking again past unwanted GOPs where the CPU reader would (`decode.seek_segments`); PyNvVideoCodec's random access by index seeks again for every frame, which on a 10 s GOP decoded 64
-sampled frames 2.5x slower than FFmpeg on 16 cores (measured 2026-12-03), so it is not used.
+engines), seeking again past unwanted GOPs where the CPU reader would (`decode.seek_segments`). PyNvVideoCodec's
+random access by index seeks again for every frame, which on a 10 s GOP decoded 64 sampled frames 2.5x slower
+than FFmpeg on 16 cores (measured 2026-12-03), so it is not used.
 
 NVDEC converts YUV to RGB with its own kernels, so pixels can differ from FFmpeg's conversion (the CPU path, which
 qwen-vl-utils' readers share) by a level or two: it is an option (`--video-decoder nvdec`), not the default. Where
