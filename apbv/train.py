@@ -45,7 +45,7 @@ from apbv.inputs import ProcessorSpec, build_prompt, patchify
 from apbv.model.loading import LoadedModel, load_model, save_answers
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import IM_END, build_tokenizer, save_checkpoint, tiny_config
-from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
+from apbv.model.vision_attention import set_attention
 from apbv.qa import ask
 from apbv.run_record import environment
 from apbv.synthetic import EVAL_FPS, FRAME_SIZE, HELD_OUT_SEED, as_video, held_out
@@ -239,7 +239,7 @@ def train(args: argparse.Namespace) -> tuple[Qwen2_5_VLForConditionalGeneration,
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:
         model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(**MODEL_OVERRIDES))
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": VISION_ATTN_IMPLEMENTATION})
+    set_attention(model, "sdpa")
     model.to(device).train()
     if args.vision_steps:
         pretrain_vision(model, args, device)

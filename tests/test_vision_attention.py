@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apbv.model.tiny import tiny_config
-from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION, packed_attention
+from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION, packed_attention, set_attention
 
 from .reference import masked_attention
 
@@ -57,7 +57,7 @@ def test_vision_tower_same_with_packed_attention(grid):
     pixels = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 14 * 14)
     embeddings = {}
     for implementation in ("sdpa", VISION_ATTN_IMPLEMENTATION):
-        model.set_attn_implementation({"vision_config": implementation})
+        set_attention(model, "sdpa", implementation)
         with torch.no_grad():
             embeddings[implementation] = model.model.visual(pixels, grid_thw=grid_thw).pooler_output
     torch.testing.assert_close(embeddings[VISION_ATTN_IMPLEMENTATION], embeddings["sdpa"], atol=1e-5, rtol=1e-5)

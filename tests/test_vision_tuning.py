@@ -8,7 +8,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from apbv.inputs import ProcessorSpec, patchify
 from apbv.model.qwen2_5_vl import merged_vision_tokens
 from apbv.model.tiny import tiny_config
-from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
+from apbv.model.vision_attention import set_attention
 from apbv.model.vision_tuning import PAD_MULTIPLE, pad_mlp_widths
 
 
@@ -16,7 +16,7 @@ def test_padded_vision_mlp_gives_the_same_embeddings():
     torch.manual_seed(0)
     config = tiny_config(vision_config={"intermediate_size": 100, "hidden_act": "silu"})
     model = Qwen2_5_VLForConditionalGeneration._from_config(config).eval()
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": VISION_ATTN_IMPLEMENTATION})
+    set_attention(model, "sdpa")
     frames = torch.randint(0, 256, (4, 112, 112, 3), dtype=torch.uint8)
     pixels, grid = patchify(frames, ProcessorSpec())
     with torch.inference_mode():

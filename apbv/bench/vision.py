@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from apbv.inputs import ProcessorSpec, patchify
 from apbv.model.qwen2_5_vl import merged_vision_tokens
-from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
+from apbv.model.vision_attention import set_attention
 from apbv.model.vision_tuning import compile_blocks, pad_mlp_widths
 from apbv.run_record import environment, write_json
 from apbv.video import synthetic_video
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     model = random_model(args.arch, device, model_dtype(device))
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": VISION_ATTN_IMPLEMENTATION})
+    set_attention(model, "sdpa")
     visual = model.model.visual
     pixels, grid = patchify(synthetic_video(args.resolution, args.frames).frames, ProcessorSpec())
     pixels, grid = pixels.to(device, model.dtype), grid.to(device)

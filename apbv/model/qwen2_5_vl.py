@@ -23,7 +23,7 @@ from apbv.inputs import Prompt
 from apbv.metrics import VISION, MetricsRecorder
 from apbv.model.cache import ShardedKVCache
 from apbv.model.decode_step import DecodeStep
-from apbv.model.vision_attention import VISION_ATTN_IMPLEMENTATION
+from apbv.model.vision_attention import set_attention
 from apbv.model.vision_tuning import compile_blocks, pad_mlp_widths
 
 ATTN_IMPLEMENTATION = "apbv_sequence_parallel"
@@ -61,7 +61,7 @@ def _route(route: AttentionRoute) -> Iterator[None]:
 def use_sequence_parallel_attention(model: Qwen2_5_VLForConditionalGeneration) -> None:
     """Route the language model's attention through the active strategy and the vision tower's through packed
     attention (one call for all its windows)."""
-    model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": VISION_ATTN_IMPLEMENTATION})
+    set_attention(model, ATTN_IMPLEMENTATION)
 
 
 def merged_vision_tokens(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

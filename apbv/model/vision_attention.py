@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 VISION_ATTN_IMPLEMENTATION = "apbv_flash_varlen"
 
@@ -53,3 +54,16 @@ def packed_attention(
 
 
 AttentionInterface.register(VISION_ATTN_IMPLEMENTATION, packed_attention)
+
+
+def set_attention(model: PreTrainedModel, text: str, vision: str = VISION_ATTN_IMPLEMENTATION) -> None:
+    """Run a Qwen2.5-VL model's language layers on the registered attention `text` and its vision tower on `vision`.
+
+    The vision name is written to the vision config directly: set_attn_implementation preloads a flash-attention
+    package for every name containing "flash" (transformers 5.25+), and a registered function has none to load.
+    The tower reads the name from its config when it runs, so nothing else changes.
+    """
+    model.set_attn_implementation({"text_config": text, "vision_config": "sdpa"})
+    if vision not in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
+        raise ValueError(f"{vision!r} is not a registered attention function")
+    model.config.vision_config._attn_implementation_internal = vision
