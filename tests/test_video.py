@@ -183,6 +183,22 @@ def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kin
         assert len(got) == len(mine) and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv"])
+def test_unwanted_frames_nothing_refers_to_are_skipped_and_the_wanted_ones_decode_exactly(seekable, kind):
+    """With B-frames, the reader leaves non-reference frames it does not want undecoded, and the frames it gives
+    equal those of a plain decode of every frame, pixel for pixel."""
+    path, info = seekable[kind], probe_video(seekable[kind])
+    with av.open(str(path)) as container:
+        everything = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    wanted = list(range(0, len(everything), 7))
+    got = list(decode_frames(path, info, wanted))
+    assert len(got) == len(wanted) and all(np.array_equal(g, everything[i]) for g, i in zip(got, wanted))
+    with av.open(str(path)) as container:
+        pts = frozenset(info.frame_pts[i] for i in wanted)
+        decoded = sum(1 for _ in decode_module._decode_skipping(container, container.streams.video[0], pts))
+    assert len(wanted) <= decoded < len(everything)
+
+
 def test_variable_frame_rate_is_indexed_by_presentation_order(seekable):
     info = probe_video(seekable["vfr"])
     assert info.frame_count == 40 and len(info.frame_pts) == 40 and list(info.frame_pts) == sorted(info.frame_pts)

@@ -1,6 +1,7 @@
 """Decode only the frames a rank needs: seek to the keyframe before the first, decode forward with FFmpeg's frame
-threads, seek again past the rest of a GOP when the next wanted frame lies in a later one (`seek_segments`),
-convert just the wanted frames to RGB.
+threads, seek again past the rest of a GOP when the next wanted frame lies in a later one (`seek_segments`), let
+FFmpeg skip the unwanted frames no other frame refers to (non-reference B-frames: exact, nothing decodes from
+them), convert just the wanted frames to RGB.
 
 Frames are matched by presentation timestamp against the probe's packet index (`VideoInfo.frame_pts`), so seeking
 never shifts an index; streams without timestamps are decoded from the start and counted.
@@ -69,7 +70,8 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                 wanted = iter(segment)
                 target = next(wanted)
                 tail = None  # the latest frame decoded: where the stream ends, it stands in for the rest
-                for position, frame in _numbered(container.decode(stream), info):
+                frames = _decode_skipping(container, stream, _skippable(segment, info))
+                for position, frame in _numbered(frames, info):
                     tail = frame
                     if position < target:
                         continue
@@ -90,6 +92,29 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
         raise NoFrames(f"{name} has no decodable frames")
     for _ in range(len(indices) - given):
         yield last
+
+
+def _skippable(segment: Sequence[int], info: VideoInfo) -> frozenset[int] | None:
+    """The timestamps of the frames `segment` wants, where every other frame may be skipped if nothing refers to it;
+    None (decode everything) without a packet index or when an index lies past it, whose stand-in is the stream's
+    real last frame."""
+    if not info.frame_pts or segment[-1] >= len(info.frame_pts):
+        return None
+    return frozenset(info.frame_pts[i] for i in segment)
+
+
+def _decode_skipping(
+    container: av.container.InputContainer, stream: av.VideoStream, wanted_pts: frozenset[int] | None
+) -> Iterator[av.VideoFrame]:
+    """The stream's frames from where the container stands, as `container.decode(stream)` gives them, except that
+    each packet whose timestamp is not wanted is decoded with skip_frame NONREF (FFmpeg then skips it when no
+    other frame refers to it: H.264's and HEVC's non-reference pictures; a codec without the notion decodes all).
+    FFmpeg's frame threads take the setting with each packet."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        unwanted = wanted_pts is not None and packet.pts is not None and packet.pts not in wanted_pts
+        codec.skip_frame = "NONREF" if unwanted else "DEFAULT"
+        yield from packet.decode()
 
 
 def _numbered(frames: Iterator[av.VideoFrame], info: VideoInfo) -> Iterator[tuple[int, av.VideoFrame]]:
