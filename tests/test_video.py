@@ -138,10 +138,15 @@ def test_resize_equals_a_float64_reference_of_torchvision_within_one_level(size)
         assert np.abs(got - expected).max() <= 1 and np.mean(got == expected) > 0.99
 
 
-def _encode(path, frames: np.ndarray, container_kind: str = "mp4", gop: int = 4, pts: list[int] | None = None):
-    """H.264 with a keyframe every `gop` frames; `pts` (in 1/1000 s) for variable frame rates."""
+def _encode(path, frames: np.ndarray, container_kind: str = "mp4", gop: int = 4, pts: list[int] | None = None,
+            codec: str = "libx264"):  # fmt: skip
+    """H.264 (or `codec`) with B-frames and a keyframe every `gop` frames; `pts` (in 1/1000 s) for variable frame
+    rates."""
+    options = {"g": str(gop), "keyint_min": str(gop), "bf": "2"}
+    if codec == "libx265":
+        options = {"g": str(gop), "x265-params": "log-level=error"}
     with av.open(str(path), "w", format=container_kind if container_kind != "mp4" else None) as container:
-        stream = container.add_stream("libx264", rate=8, options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
+        stream = container.add_stream(codec, rate=8, options=options)
         stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
         if pts is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -159,10 +164,11 @@ def seekable(tmp_path_factory) -> dict:
     d, ramp = tmp_path_factory.mktemp("seek"), grey_ramp(40, (64, 96))
     vfr = np.cumsum([0] + [60 + 80 * (i % 3) for i in range(39)]).tolist()
     return {"cfr": _encode(d / "cfr.mp4", ramp), "vfr": _encode(d / "vfr.mp4", ramp, pts=vfr),
-            "mkv": _encode(d / "count.mkv", ramp, "matroska"), "gop1": _encode(d / "intra.mp4", ramp, gop=1)}  # fmt: skip
+            "mkv": _encode(d / "count.mkv", ramp, "matroska"), "gop1": _encode(d / "intra.mp4", ramp, gop=1),
+            "hevc": _encode(d / "hevc.mp4", ramp, gop=8, codec="libx265")}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv", "gop1"])
+@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv", "gop1", "hevc"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("reseek_min_frames", [1, decode_module.RESEEK_MIN_FRAMES])
 def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kind, world_size, reseek_min_frames,
@@ -183,10 +189,10 @@ def test_each_rank_decodes_exactly_the_frames_of_the_single_reader(seekable, kin
         assert len(got) == len(mine) and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
-@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv"])
+@pytest.mark.parametrize("kind", ["cfr", "vfr", "mkv", "hevc"])
 def test_unwanted_frames_nothing_refers_to_are_skipped_and_the_wanted_ones_decode_exactly(seekable, kind):
-    """With B-frames, the reader leaves non-reference frames it does not want undecoded, and the frames it gives
-    equal those of a plain decode of every frame, pixel for pixel."""
+    """With B-frames (H.264, HEVC), the reader leaves non-reference frames it does not want undecoded, and the
+    frames it gives equal those of a plain decode of every frame, pixel for pixel."""
     path, info = seekable[kind], probe_video(seekable[kind])
     with av.open(str(path)) as container:
         everything = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
