@@ -58,6 +58,7 @@ def test_vision_tower_same_with_packed_attention(grid):
     embeddings = {}
     for implementation in ("sdpa", VISION_ATTN_IMPLEMENTATION):
         set_attention(model, "sdpa", implementation)
+        assert model.model.visual.blocks[0].attn.config._attn_implementation == implementation  # what the tower reads
         with torch.no_grad():
             embeddings[implementation] = model.model.visual(pixels, grid_thw=grid_thw).pooler_output
     torch.testing.assert_close(embeddings[VISION_ATTN_IMPLEMENTATION], embeddings["sdpa"], atol=1e-5, rtol=1e-5)

@@ -34,7 +34,7 @@ ERROR_HINTS: dict[str, str] = {
     "no_previous_run": "Ask a question first; the comparison re-measures your last question.",
 }
 # Codecs Chromium, Firefox and Safari play; others may show "not playable" in the page although the engine reads them.
-BROWSER_CODECS = frozenset({"h264", "vp8", "vp9", "av1", "libdav1d"})
+BROWSER_CODECS = frozenset({"h264", "vp8", "vp9", "av1"})
 ANSWER_CHARS = 80  # of each answer in the comparison table (the chat has them whole)
 ENGINE_STATES = {
     "starting": "… **The engine is starting** (loading the model on every rank); questions asked now wait for it.",

@@ -60,10 +60,10 @@ def set_attention(model: PreTrainedModel, text: str, vision: str = VISION_ATTN_I
     """Run a Qwen2.5-VL model's language layers on the registered attention `text` and its vision tower on `vision`.
 
     The vision name is written to the vision config directly: set_attn_implementation preloads a flash-attention
-    package for every name containing "flash" (transformers 5.25+), and a registered function has none to load.
-    The tower reads the name from its config when it runs, so nothing else changes.
+    package for every name containing "flash" (transformers 5.25; 5.17 did not), and a registered function has
+    none to load. The tower reads the name from its config when it runs, so nothing else changes.
     """
-    model.set_attn_implementation({"text_config": text, "vision_config": "sdpa"})
     if vision not in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
         raise ValueError(f"{vision!r} is not a registered attention function")
+    model.set_attn_implementation({"text_config": text, "vision_config": "sdpa"})
     model.config.vision_config._attn_implementation_internal = vision

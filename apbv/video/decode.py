@@ -1,7 +1,7 @@
 """Decode only the frames a rank needs: seek to the keyframe before the first, decode forward with FFmpeg's frame
 threads, seek again past the rest of a GOP when the next wanted frame lies in a later one (`seek_segments`), let
-FFmpeg skip the unwanted frames no other frame refers to (non-reference B-frames: exact, nothing decodes from
-them), convert just the wanted frames to RGB.
+FFmpeg's H.264 and HEVC decoders skip the unwanted frames no other frame refers to (`SKIPPING_DECODERS`: exact,
+nothing decodes from them), convert just the wanted frames to RGB.
 
 Frames are matched by presentation timestamp against the probe's packet index (`VideoInfo.frame_pts`), so seeking
 never shifts an index; streams without timestamps are decoded from the start and counted.
@@ -23,6 +23,9 @@ from .probe import VideoInfo, reason
 # frames a jump to a later keyframe must skip to be worth it: a seek flushes FFmpeg's frame threads, which then
 # refill their pipeline (about one frame per thread)
 RESEEK_MIN_FRAMES = 16
+# FFmpeg decoders that read skip_frame with every packet (libdav1d reads it once, when it opens, and would then drop
+# wanted frames too) and whose NONREF skips only pictures no other picture refers to
+SKIPPING_DECODERS = frozenset({"h264", "hevc"})
 
 
 def seek_segments(indices: Sequence[int], info: VideoInfo) -> list[list[int]]:
@@ -70,7 +73,7 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                 wanted = iter(segment)
                 target = next(wanted)
                 tail = None  # the latest frame decoded: where the stream ends, it stands in for the rest
-                frames = _decode_skipping(container, stream, _skippable(segment, info))
+                frames = _decode_skipping(container, stream, _skippable(segment, info, stream))
                 for position, frame in _numbered(frames, info):
                     tail = frame
                     if position < target:
@@ -94,22 +97,33 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
         yield last
 
 
-def _skippable(segment: Sequence[int], info: VideoInfo) -> frozenset[int] | None:
-    """The timestamps of the frames `segment` wants, where every other frame may be skipped if nothing refers to it;
-    None (decode everything) without a packet index or when an index lies past it, whose stand-in is the stream's
-    real last frame."""
+def _skippable(segment: Sequence[int], info: VideoInfo, stream: av.VideoStream) -> frozenset[int] | None:
+    """The timestamps of the frames that must be decoded, every other frame may be skipped if nothing refers to it:
+    `segment`'s and the stream's last (the stand-in where the stream ends early). None (decode everything): a
+    decoder not in SKIPPING_DECODERS, HEVC with temporal sub-layers (a sub-layer's non-reference picture may be
+    referred to from a higher one), no packet index, or an index past it."""
+    codec = stream.codec_context
+    if codec.name not in SKIPPING_DECODERS or (codec.name == "hevc" and _hevc_sub_layers(codec.extradata) != 1):
+        return None
     if not info.frame_pts or segment[-1] >= len(info.frame_pts):
         return None
-    return frozenset(info.frame_pts[i] for i in segment)
+    return frozenset(info.frame_pts[i] for i in (*segment, -1))
+
+
+def _hevc_sub_layers(extradata: bytes | None) -> int | None:
+    """numTemporalLayers of an HEVC decoder configuration record (hvcC, ISO/IEC 14496-15 8.3.3.1.2: byte 21, bits
+    3-5); None where the extradata is no such record (Annex B parameter sets) or says 0 (unknown)."""
+    if not extradata or len(extradata) < 23 or extradata[0] != 1:
+        return None
+    return (extradata[21] >> 3) & 7 or None
 
 
 def _decode_skipping(
     container: av.container.InputContainer, stream: av.VideoStream, wanted_pts: frozenset[int] | None
 ) -> Iterator[av.VideoFrame]:
     """The stream's frames from where the container stands, as `container.decode(stream)` gives them, except that
-    each packet whose timestamp is not wanted is decoded with skip_frame NONREF (FFmpeg then skips it when no
-    other frame refers to it: H.264's and HEVC's non-reference pictures; a codec without the notion decodes all).
-    FFmpeg's frame threads take the setting with each packet."""
+    each packet whose timestamp is not wanted is decoded with skip_frame NONREF (FFmpeg's H.264 and HEVC decoders
+    then skip it when no other picture refers to it). FFmpeg's frame threads take the setting with each packet."""
     codec = stream.codec_context
     for packet in container.demux(stream):
         unwanted = wanted_pts is not None and packet.pts is not None and packet.pts not in wanted_pts

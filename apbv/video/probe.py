@@ -25,9 +25,10 @@ MIN_FPS, MAX_FPS = 0.01, 1000.0  # frame rates a real video header gives (a brok
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about a video, after validation. frame_pts: presentation timestamps (in
-    time_base units) of frames 0..n-1 in presentation order, from the packets (empty when the stream has none);
-    keyframe_pts: those of the keyframes, sorted."""
+    """What the container says about a video, after validation. codec: the format's name ("h264", "av1"), not the
+    decoder's ("libdav1d"). frame_pts: presentation timestamps (in time_base units) of frames 0..n-1 in
+    presentation order, from the packets (empty when the stream has none); keyframe_pts: those of the keyframes,
+    sorted."""
 
     frame_count: int
     fps: float
@@ -101,7 +102,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             container.seek(0, stream=stream)
             frame_pts, keyframe_pts = _packet_index(container, stream)
             frame_count = stream.frames or len(frame_pts)
-            return VideoInfo(frame_count, fps, first.height, first.width, stream.codec_context.name,
+            return VideoInfo(frame_count, fps, first.height, first.width, stream.codec_context.codec.canonical_name,
                              frame_pts, keyframe_pts, stream.time_base or Fraction(1, 1))  # fmt: skip
     except av.FFmpegError as e:
         raise VideoUnreadable(f"{p.name} is not a readable video ({reason(e)})") from e
