@@ -98,8 +98,8 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
 
 
 def _skippable(segment: Sequence[int], info: VideoInfo, stream: av.VideoStream) -> frozenset[int] | None:
-    """The timestamps of the frames that must be decoded, every other frame may be skipped if nothing refers to it:
-    `segment`'s and the stream's last (the stand-in where the stream ends early). None (decode everything): a
+    """The timestamps of the frames that must be decoded: `segment`'s and the stream's last (the stand-in where the
+    stream ends early); any other frame may be skipped where nothing refers to it. None, decode everything: a
     decoder not in SKIPPING_DECODERS, HEVC with temporal sub-layers (a sub-layer's non-reference picture may be
     referred to from a higher one), no packet index, or an index past it."""
     codec = stream.codec_context
