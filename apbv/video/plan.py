@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from .decode import decode_frames
-from .probe import VideoInfo, probe_video
+from .probe import VideoInfo, check_video_file, probe_video
 from .resize import resize_frames
 from .sampling import (
     FPS_MAX_FRAMES,
@@ -80,15 +81,19 @@ def plan_video(
     cap; `uncapped` lets it exceed the cap). processor_bounds: the checkpoint processor's (min, max) pixels, which
     resizes frames outside them a second time, as transformers' video processor does.
 
-    Raises the probe's typed errors, and InputError for pixel bounds qwen-vl-utils refuses."""
-    info = probe_video(path)
+    The file is hashed in a thread beside the probe (hashlib lets go of the GIL), once it is known to be a regular
+    file. Raises the probe's typed errors, and InputError for pixel bounds qwen-vl-utils refuses."""
+    file = check_video_file(path)
+    with ThreadPoolExecutor(1, thread_name_prefix="content-hash") as hashing:
+        digest = hashing.submit(content_hash, file)
+        info = probe_video(file)
     n = sample_frame_count(info.frame_count, info.fps, num_frames=num_frames, fps=fps, max_frames=max_frames)
     sizes = [frame_size(info.height, info.width, n, min_pixels=min_pixels, max_pixels=max_pixels,
                         total_pixels=total_pixels, uncapped=uncapped)]  # fmt: skip
     if processor_bounds is not None and (again := smart_resize(*sizes[0], IMAGE_FACTOR, *processor_bounds)) != sizes[0]:
         sizes.append(again)
     indices = tuple(sample_indices(info.frame_count, n))
-    return VideoPlan(str(path), Path(path).stat().st_size, content_hash(path), info, indices, tuple(sizes))
+    return VideoPlan(str(path), file.stat().st_size, digest.result(), info, indices, tuple(sizes))
 
 
 def resize_planned(frames: torch.Tensor, plan: VideoPlan) -> torch.Tensor:
