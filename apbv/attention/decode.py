@@ -10,7 +10,7 @@ from apbv.comm import Comm, Handle
 from apbv.metrics import MetricsRecorder
 
 from .base import attend_counted
-from .kernels import merge_partials
+from .kernels import merge_stacked
 
 
 class PendingAttention:
@@ -25,8 +25,8 @@ class PendingAttention:
         if self._gather is None:
             return self._out
         d = self._out.shape[-1]
-        parts = [(p[..., :d], p[..., d:].contiguous().view(self._lse_dtype)[..., 0]) for p in self._gather.wait()]
-        merged, _ = merge_partials(parts)
+        packed = torch.stack(self._gather.wait())  # (W, Hq, Sq, D + 1 or 2): the lse columns unpack once for all
+        merged, _ = merge_stacked(packed[..., :d], packed[..., d:].contiguous().view(self._lse_dtype)[..., 0])
         return merged.to(self._out.dtype)
 
 

@@ -111,8 +111,7 @@ _MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Merge attention partials over disjoint key sets (max-shifted, never NaN), all at once: the same 14 operators
-    for any number of partials (a fold dispatched ~15 per partial; the query rows of W ranks merge W of them).
+    """Merge attention partials (out, lse) over disjoint key sets, all at once (`merge_stacked`).
 
     Returns (out, lse) in float32 (float64 if any part is float64). (0, -inf) is an exact identity.
     """
@@ -121,8 +120,17 @@ def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tens
     acc_dtype = torch.float64 if any(torch.float64 in (o.dtype, l.dtype) for o, l in parts) else torch.float32
     if len(parts) == 1:
         return parts[0][0].to(acc_dtype), parts[0][1].to(acc_dtype)
-    outs = torch.stack([o for o, _ in parts]).to(acc_dtype)  # (P, H, S, D)
-    lses = torch.stack([l for _, l in parts]).to(acc_dtype)  # (P, H, S)
+    return merge_stacked(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
+
+
+def merge_stacked(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge P partials stacked as outs (P, H, S, D) and lses (P, H, S), max-shifted, never NaN: the same dozen
+    operators for any P (a fold dispatched ~15 per partial; the query rows of W ranks merge W of them).
+
+    Returns (out, lse) in float32 (float64 if either input is float64).
+    """
+    acc_dtype = torch.float64 if torch.float64 in (outs.dtype, lses.dtype) else torch.float32
+    outs, lses = outs.to(acc_dtype), lses.to(acc_dtype)
     m = torch.nan_to_num(lses.amax(dim=0), neginf=0.0)  # rows no partial sees: weights exp(-inf) = 0, not NaN
     weights = torch.exp(lses - m)
     total = weights.sum(dim=0)  # 0 where no partial sees the row, else >= 1 (the largest weight is exactly 1)
