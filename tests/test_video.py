@@ -269,6 +269,30 @@ def test_plan_identifies_the_content_not_the_path(videos, tmp_path):
     assert plan_video(copy, num_frames=4).content_hash != a.content_hash
 
 
+def test_a_probe_that_fails_stops_the_hashing_beside_it(tmp_path, monkeypatch):
+    """A large file that is no video is refused without being read through by the hash (set beside the probe)."""
+    from concurrent.futures import CancelledError
+
+    from apbv.video import plan as plan_module
+
+    big = tmp_path / "zeros.mp4"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB of zeros
+    ended, hash_file = [], plan_module.content_hash
+
+    def watched(path, stop):
+        try:
+            return hash_file(path, stop)
+        except BaseException as e:
+            ended.append(type(e))
+            raise
+
+    monkeypatch.setattr(plan_module, "content_hash", watched)
+    with pytest.raises(VideoUnreadable):
+        plan_video(big)
+    assert ended == [CancelledError]
+
+
 @pytest.mark.parametrize(
     "kind, error",
     [

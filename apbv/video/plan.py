@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +56,13 @@ class VideoPlan:
         return self.num_frames / self.info.frame_count * self.info.fps
 
 
-def content_hash(path: str | Path) -> str:
-    """BLAKE2b of the file's bytes (hex)."""
+def content_hash(path: str | Path, stop: threading.Event | None = None) -> str:
+    """BLAKE2b of the file's bytes (hex). Raises CancelledError within a chunk of `stop` being set."""
     digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as f:
         while block := f.read(_HASH_CHUNK):
+            if stop is not None and stop.is_set():
+                raise CancelledError(f"hashing {path} was stopped")
             digest.update(block)
     return digest.hexdigest()
 
@@ -82,11 +85,16 @@ def plan_video(
     resizes frames outside them a second time, as transformers' video processor does.
 
     The file is hashed in a thread beside the probe (hashlib lets go of the GIL), once it is known to be a regular
-    file. Raises the probe's typed errors, and InputError for pixel bounds qwen-vl-utils refuses."""
-    file = check_video_file(path)
+    file; a probe that fails stops the hashing (a large file that is no video is not read through). Raises the
+    probe's typed errors, and InputError for pixel bounds qwen-vl-utils refuses."""
+    file, stop = check_video_file(path), threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="content-hash") as hashing:
-        digest = hashing.submit(content_hash, file)
-        info = probe_video(file)
+        digest = hashing.submit(content_hash, file, stop)
+        try:
+            info = probe_video(file)
+        except BaseException:
+            stop.set()
+            raise
     n = sample_frame_count(info.frame_count, info.fps, num_frames=num_frames, fps=fps, max_frames=max_frames)
     sizes = [frame_size(info.height, info.width, n, min_pixels=min_pixels, max_pixels=max_pixels,
                         total_pixels=total_pixels, uncapped=uncapped)]  # fmt: skip
