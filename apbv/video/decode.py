@@ -66,6 +66,7 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
+            skips = _skips_exactly(stream.codec_context)
             for segment in seek_segments(indices, info):
                 keyframe = info.keyframe_before(segment[0])
                 if keyframe is not None:
@@ -73,7 +74,7 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
                 wanted = iter(segment)
                 target = next(wanted)
                 tail = None  # the latest frame decoded: where the stream ends, it stands in for the rest
-                frames = _decode_skipping(container, stream, _skippable(segment, info, stream))
+                frames = _decode_skipping(container, stream, _must_decode(segment, info) if skips else None)
                 for position, frame in _numbered(frames, info):
                     tail = frame
                     if position < target:
@@ -97,14 +98,17 @@ def decode_frames(path: str | Path, info: VideoInfo, indices: Sequence[int], thr
         yield last
 
 
-def _skippable(segment: Sequence[int], info: VideoInfo, stream: av.VideoStream) -> frozenset[int] | None:
+def _skips_exactly(codec: av.codec.context.CodecContext) -> bool:
+    """Whether this decoder may skip unwanted non-reference frames without changing any other: one of
+    SKIPPING_DECODERS, and for HEVC no temporal sub-layers (a sub-layer's non-reference picture may be referred to
+    from a higher one)."""
+    return codec.name in SKIPPING_DECODERS and (codec.name != "hevc" or _hevc_sub_layers(codec.extradata) == 1)
+
+
+def _must_decode(segment: Sequence[int], info: VideoInfo) -> frozenset[int] | None:
     """The timestamps of the frames that must be decoded: `segment`'s and the stream's last (the stand-in where the
-    stream ends early); any other frame may be skipped where nothing refers to it. None, decode everything: a
-    decoder not in SKIPPING_DECODERS, HEVC with temporal sub-layers (a sub-layer's non-reference picture may be
-    referred to from a higher one), no packet index, or an index past it."""
-    codec = stream.codec_context
-    if codec.name not in SKIPPING_DECODERS or (codec.name == "hevc" and _hevc_sub_layers(codec.extradata) != 1):
-        return None
+    stream ends early); any other frame may be skipped where nothing refers to it. None, decode everything: no
+    packet index, or an index past it."""
     if not info.frame_pts or segment[-1] >= len(info.frame_pts):
         return None
     return frozenset(info.frame_pts[i] for i in (*segment, -1))
