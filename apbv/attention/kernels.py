@@ -117,9 +117,10 @@ def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tens
     """
     if not parts:
         raise ValueError("merge_partials needs at least one partial")
-    acc_dtype = torch.float64 if any(torch.float64 in (o.dtype, l.dtype) for o, l in parts) else torch.float32
     if len(parts) == 1:
-        return parts[0][0].to(acc_dtype), parts[0][1].to(acc_dtype)
+        [(out, lse)] = parts
+        acc_dtype = lse_dtype(torch.promote_types(out.dtype, lse.dtype))
+        return out.to(acc_dtype), lse.to(acc_dtype)
     return merge_stacked(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
 
 
@@ -129,7 +130,7 @@ def merge_stacked(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns (out, lse) in float32 (float64 if either input is float64).
     """
-    acc_dtype = torch.float64 if torch.float64 in (outs.dtype, lses.dtype) else torch.float32
+    acc_dtype = lse_dtype(torch.promote_types(outs.dtype, lses.dtype))
     outs, lses = outs.to(acc_dtype), lses.to(acc_dtype)
     m = torch.nan_to_num(lses.amax(dim=0), neginf=0.0)  # rows no partial sees: weights exp(-inf) = 0, not NaN
     weights = torch.exp(lses - m)
